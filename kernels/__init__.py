@@ -1,0 +1,86 @@
+"""Public kernel API: each op takes impl="auto" | "triton" | "torch" (auto = Triton on CUDA, reference elsewhere)."""
+
+import os
+
+import torch
+
+from kernels import reference
+
+IMPLS = ("auto", "triton", "torch")
+
+
+def _resolve(impl: str, *tensors: torch.Tensor) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if os.environ.get("GEB_KERNELS") == "torch":
+        return "torch"
+    if impl == "auto":
+        return "triton" if tensors[0].is_cuda else "torch"
+    if impl == "triton" and not tensors[0].is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before `kernels` is imported")
+    return impl
+
+
+def _same(name: str, value, expected_name: str, expected) -> None:
+    if value != expected:
+        raise ValueError(f"{name} is {value} but must match {expected_name} ({expected})")
+
+
+def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    softmax_scale: float | None = None, impl: str = "auto") -> torch.Tensor:
+    """Attention over q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D) with native GQA; causal mask aligned bottom-right."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, T, H, D), got shape {tuple(t.shape)}")
+    _same("k.shape", tuple(k.shape), "v.shape", tuple(v.shape))
+    _same("k batch", k.shape[0], "q batch", q.shape[0])
+    _same("k head dim", k.shape[3], "q head dim", q.shape[3])
+    _same("k.dtype", k.dtype, "q.dtype", q.dtype)
+    _same("v.dtype", v.dtype, "q.dtype", q.dtype)
+    _same("k.device", k.device, "q.device", q.device)
+    _same("v.device", v.device, "q.device", q.device)
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of k/v heads ({k.shape[2]})")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if _resolve(impl, q) == "torch":
+        return reference.attention_ref(q, k, v, causal, scale)
+    from kernels.flash_attn import flash_attn_triton
+    return flash_attn_triton(q, k, v, causal, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, impl: str = "auto") -> torch.Tensor:
+    """RMSNorm over the last dimension, statistics in fp32."""
+    _same("weight.shape", tuple(weight.shape), "x.shape[-1:]", tuple(x.shape[-1:]))
+    _same("weight.device", weight.device, "x.device", x.device)
+    if _resolve(impl, x) == "torch":
+        return reference.rms_norm_ref(x, weight, eps)
+    from kernels.rms_norm import rms_norm_triton
+    return rms_norm_triton(x, weight, eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """silu(gate) * up."""
+    _same("up.shape", tuple(up.shape), "gate.shape", tuple(gate.shape))
+    _same("up.dtype", up.dtype, "gate.dtype", gate.dtype)
+    _same("up.device", up.device, "gate.device", gate.device)
+    if _resolve(impl, gate) == "torch":
+        return reference.swiglu_ref(gate, up)
+    from kernels.swiglu import swiglu_triton
+    return swiglu_triton(gate, up)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """Rotate-half rotary embedding: x (B, T, H, D), cos/sin (T, D // 2) fp32."""
+    if x.dim() != 4 or x.shape[-1] % 2:
+        raise ValueError(f"x must be (B, T, H, D) with even D, got shape {tuple(x.shape)}")
+    expected = (x.shape[1], x.shape[3] // 2)
+    _same("cos.shape", tuple(cos.shape), "(T, D // 2)", expected)
+    _same("sin.shape", tuple(sin.shape), "(T, D // 2)", expected)
+    _same("cos.device", cos.device, "x.device", x.device)
+    if _resolve(impl, x) == "torch":
+        return reference.rotary_ref(x, cos, sin)
+    from kernels.rotary import apply_rotary_triton
+    return apply_rotary_triton(x, cos, sin)
+
+
+__all__ = ["flash_attn_func", "rms_norm", "swiglu", "apply_rotary"]

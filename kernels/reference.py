@@ -1,0 +1,40 @@
+"""Plain PyTorch references for every kernel: the ground truth in tests and the fast path on CPU."""
+
+import torch
+import torch.nn.functional as F
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float) -> torch.Tensor:
+    """Attention on (B, T, H, D) tensors with GQA and bottom-right causal alignment."""
+    q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    t_q, t_k = q.shape[1], k.shape[1]
+    if causal and t_q != t_k:
+        # SDPA's is_causal aligns top-left; decoding with a cache needs bottom-right (query i sees keys <= i + Tk - Tq).
+        o_q = torch.arange(t_q, device=q.device)[:, None]
+        o_k = torch.arange(t_k, device=q.device)[None, :]
+        mask = o_k <= o_q + (t_k - t_q)
+        out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=mask, scale=softmax_scale, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=causal, scale=softmax_scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension with fp32 statistics, returned in x's dtype."""
+    x_f = x.float()
+    y = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up."""
+    return F.silu(gate) * up
+
+
+def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding; x (B, T, H, D), cos/sin (T, D//2) fp32; computed in fp32."""
+    half = x.shape[-1] // 2
+    x_f = x.float()
+    x1, x2 = x_f[..., :half], x_f[..., half:]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
