@@ -1,0 +1,169 @@
+"""GEB: a grouped-query-attention decoder (Llama layout) whose every fused op goes through `kernels`."""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from geb.config import ModelConfig
+
+
+def rope_cos_sin(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (T, head_dim // 2), computed in fp32 from fp32 positions."""
+    # GEB keeps positions in fp32: in bf16, positions above 256 collide and the angles repeat.
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, impl: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.impl = eps, impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps, impl=self.impl)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer, written in place at the decoded positions."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v at [start_pos, start_pos + T) and return all keys and values up to there."""
+        end = start_pos + k.shape[1]
+        self.k[:, start_pos:end] = k
+        self.v[:, start_pos:end] = v
+        return self.k[:, :end], self.v[:, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, impl: str):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
+        self.impl = impl
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q = kernels.apply_rotary(q, cos, sin, impl=self.impl)
+        k = kernels.apply_rotary(k, cos, sin, impl=self.impl)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start_pos, k, v)
+        y = kernels.flash_attn_func(q, k, v, causal=True, impl=self.impl)
+        return self.o_proj(y.reshape(b, t, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig, impl: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.d_model, bias=False)
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x), impl=self.impl))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, impl: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps, impl)
+        self.self_attn = Attention(config, impl)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps, impl)
+        self.mlp = FeedForward(config, impl)
+        self.dropout = nn.Dropout(config.dropout)
+        self.post_norm = config.norm_position == "post"
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        if self.post_norm:
+            x = self.input_layernorm(x + self.dropout(self.self_attn(x, cos, sin, start_pos)))
+            return self.post_attention_layernorm(x + self.dropout(self.mlp(x)))
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, start_pos))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class GEB(nn.Module):
+    """Token embedding -> blocks -> final RMSNorm -> LM head. Module names follow Hugging Face Llama."""
+
+    def __init__(self, config: ModelConfig, impl: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, impl) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps, impl)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # GLM-style shrink of the embedding's gradient (1.0 = off); train.py sets it for early steps.
+        self.embedding_grad_scale = 1.0
+        self.apply(self._init_weights)
+        residual_std = 0.02 / math.sqrt(2 * config.n_layers)
+        for layer in self.layers:
+            nn.init.normal_(layer.self_attn.o_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(layer.mlp.down_proj.weight, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts: embedding (input and, if untied, output), non-embedding, and total."""
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+        embedding = self.embed_tokens.weight.numel()
+        if not self.config.tie_embeddings:
+            embedding += self.lm_head.weight.numel()
+        return {"embedding": embedding, "non_embedding": total - embedding, "total": total}
+
+    def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> None:
+        """Allocate a static KV cache in every layer (for decoding); see clear_kv_cache."""
+        weight = self.embed_tokens.weight
+        max_seq_len = max_seq_len or self.config.max_seq_len
+        for layer in self.layers:
+            layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, self.config.n_kv_heads, self.config.head_dim,
+                                               dtype or weight.dtype, weight.device)
+
+    def clear_kv_cache(self) -> None:
+        """Drop the KV caches: forward goes back to full-sequence mode."""
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab), and the mean cross-entropy over targets >= 0 when targets are given."""
+        t = idx.shape[1]
+        if start_pos + t > self.config.max_seq_len:
+            raise ValueError(f"sequence end {start_pos + t} exceeds max_seq_len {self.config.max_seq_len}")
+        x = self.embed_tokens(idx)
+        if self.embedding_grad_scale != 1.0:
+            x = x * self.embedding_grad_scale + x.detach() * (1.0 - self.embedding_grad_scale)
+        x = self.dropout(x)
+        positions = torch.arange(start_pos, start_pos + t, device=idx.device, dtype=torch.float32)
+        cos, sin = rope_cos_sin(self.config.head_dim, positions, self.config.rope_theta)
+        for layer in self.layers:
+            x = layer(x, cos, sin, start_pos)
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1).long().masked_fill(targets.reshape(-1) < 0, -100),
+                               ignore_index=-100)
+        return logits, loss
