@@ -9,6 +9,13 @@ from kernels import reference
 IMPLS = ("auto", "triton", "torch")
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output buffer for a kernel; NaN-filled when GEB_KERNELS_POISON=1 so tests catch unwritten elements."""
+    if os.environ.get("GEB_KERNELS_POISON") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _resolve(impl: str, *tensors: torch.Tensor) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
