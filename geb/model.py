@@ -45,6 +45,13 @@ class KVCache(nn.Module):
         self.v[:, start_pos:end] = v
         return self.k[:, :end], self.v[:, :end]
 
+    def update_static(self, input_pos: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v at positions input_pos (T,) and return the whole cache (static shape, for torch.compile)."""
+        self.k.index_copy_(1, input_pos, k)
+        self.v.index_copy_(1, input_pos, v)
+        return self.k, self.v
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, impl: str):
@@ -57,13 +64,23 @@ class Attention(nn.Module):
         self.impl = impl
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """start_pos: an int, or with a KV cache a (T,) tensor of positions (static-shape decoding)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         q = kernels.apply_rotary(q, cos, sin, impl=self.impl)
         k = kernels.apply_rotary(k, cos, sin, impl=self.impl)
+        if self.kv_cache is not None and isinstance(start_pos, torch.Tensor):
+            # gpt-fast style: attend over the whole preallocated cache with a mask, so every decode step has the
+            # same shapes and a compiled step never recompiles. kernels.flash_attn_func takes no mask, hence SDPA.
+            k, v = self.kv_cache.update_static(start_pos, k, v)
+            mask = torch.arange(k.shape[1], device=x.device)[None, :] <= start_pos[:, None]
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=mask, enable_gqa=True).transpose(1, 2)
+            return self.o_proj(y.reshape(b, t, self.n_heads * self.head_dim))
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start_pos, k, v)
         y = kernels.flash_attn_func(q, k, v, causal=True, impl=self.impl)
@@ -164,6 +181,7 @@ class GEB(nn.Module):
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1).long().masked_fill(targets.reshape(-1) < 0, -100),
-                               ignore_index=-100)
+        flat_targets = targets.reshape(-1).long()
+        flat_targets = flat_targets.masked_fill(flat_targets < 0, -100)
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), flat_targets, ignore_index=-100)
         return logits, loss
