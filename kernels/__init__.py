@@ -7,6 +7,9 @@ import torch
 from kernels import reference
 
 IMPLS = ("auto", "triton", "torch")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, i.e. below, when `kernels` is first imported.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -16,16 +19,42 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _resolve(impl: str, *tensors: torch.Tensor) -> str:
+def _resolve(impl: str, **tensors: torch.Tensor) -> str:
+    """The implementation to run: "torch" or "triton" (validated: device, interpreter, dtypes)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if os.environ.get("GEB_KERNELS") == "torch":
         return "torch"
+    first = next(iter(tensors.values()))
     if impl == "auto":
-        return "triton" if tensors[0].is_cuda else "torch"
-    if impl == "triton" and not tensors[0].is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before `kernels` is imported")
+        usable = first.is_cuda and _TRITON_IMPORT_ERROR is None
+        return "triton" if usable and all(t.dtype in _TRITON_DTYPES for t in tensors.values()) else "torch"
+    if impl == "triton":
+        if _TRITON_IMPORT_ERROR is not None:
+            raise ValueError(f"impl='triton' needs the triton package: {_TRITON_IMPORT_ERROR}")
+        if not first.is_cuda and not _INTERPRET:
+            raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before `kernels` is imported")
+        for name, t in tensors.items():
+            if t.dtype not in _TRITON_DTYPES:
+                raise ValueError(f"{name}.dtype is {t.dtype} but impl='triton' needs one of {_TRITON_DTYPES}")
+            if t.dtype == torch.bfloat16 and not t.is_cuda:
+                raise ValueError(f"{name}.dtype is bfloat16 on CPU, but the Triton interpreter computes bf16 wrongly: "
+                                 "use float32/float16 or a GPU")
     return impl
+
+
+# Imported here, after _empty (which they use) and before the public functions: the submodules kernels.rms_norm and
+# kernels.swiglu share their names with functions below, which must be the package attributes that win.
+try:
+    from kernels.flash_attn import MAX_HEAD_DIM, flash_attn_triton  # noqa: E402
+    from kernels.rms_norm import rms_norm_triton  # noqa: E402
+    from kernels.rotary import apply_rotary_triton  # noqa: E402
+    from kernels.swiglu import swiglu_triton  # noqa: E402
+
+    _TRITON_IMPORT_ERROR = None
+except ImportError as e:  # no triton: the PyTorch references still work
+    _TRITON_IMPORT_ERROR = e
+    MAX_HEAD_DIM = 256
 
 
 def _same(name: str, value, expected_name: str, expected) -> None:
@@ -49,9 +78,10 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of k/v heads ({k.shape[2]})")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    if _resolve(impl, q) == "torch":
+    if _resolve(impl, q=q, k=k, v=v) == "torch":
         return reference.attention_ref(q, k, v, causal, scale)
-    from kernels.flash_attn import flash_attn_triton
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim (q.shape[-1]) is {q.shape[-1]} but impl='triton' supports 1 to {MAX_HEAD_DIM}")
     return flash_attn_triton(q, k, v, causal, scale)
 
 
@@ -59,9 +89,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, impl: str
     """RMSNorm over the last dimension, statistics in fp32."""
     _same("weight.shape", tuple(weight.shape), "x.shape[-1:]", tuple(x.shape[-1:]))
     _same("weight.device", weight.device, "x.device", x.device)
-    if _resolve(impl, x) == "torch":
+    if _resolve(impl, x=x, weight=weight) == "torch":
         return reference.rms_norm_ref(x, weight, eps)
-    from kernels.rms_norm import rms_norm_triton
     return rms_norm_triton(x, weight, eps)
 
 
@@ -70,9 +99,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "auto") -> torch.Te
     _same("up.shape", tuple(up.shape), "gate.shape", tuple(gate.shape))
     _same("up.dtype", up.dtype, "gate.dtype", gate.dtype)
     _same("up.device", up.device, "gate.device", gate.device)
-    if _resolve(impl, gate) == "torch":
+    if _resolve(impl, gate=gate, up=up) == "torch":
         return reference.swiglu_ref(gate, up)
-    from kernels.swiglu import swiglu_triton
     return swiglu_triton(gate, up)
 
 
@@ -84,9 +112,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: st
     _same("cos.shape", tuple(cos.shape), "(T, D // 2)", expected)
     _same("sin.shape", tuple(sin.shape), "(T, D // 2)", expected)
     _same("cos.device", cos.device, "x.device", x.device)
-    if _resolve(impl, x) == "torch":
+    _same("sin.device", sin.device, "x.device", x.device)
+    if _resolve(impl, x=x, cos=cos, sin=sin) == "torch":
         return reference.rotary_ref(x, cos, sin)
-    from kernels.rotary import apply_rotary_triton
     return apply_rotary_triton(x, cos, sin)
 
 

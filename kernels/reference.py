@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 
-def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float) -> torch.Tensor:
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                  softmax_scale: float) -> torch.Tensor:
     """Attention on (B, T, H, D) tensors with GQA and bottom-right causal alignment."""
     q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     t_q, t_k = q.shape[1], k.shape[1]

@@ -1,0 +1,418 @@
+"""FlashAttention-2 forward and backward in Triton, with native GQA and bottom-right causal alignment.
+
+Layout: q (B, Tq, Hq, D), k and v (B, Tk, Hkv, D), any strides with a unit stride on D (a view of a fused
+projection or of a KV cache is read in place). Query head h reads KV head h // (Hq // Hkv): k and v are never
+repeated in memory. With causal=True, query i sees keys j <= i + Tk - Tq (FlashAttention-2's convention).
+
+Kernels:
+- `_attn_fwd_kernel`: one program per (query block, batch * query head); online softmax in fp32 and base 2,
+  saves o and the log-sum-exp (base 2, already scaled) for the backward.
+- `_attn_bwd_preprocess_kernel`: delta = rowsum(dO * o), in fp32.
+- `_attn_bwd_dkdv_kernel`: one program per (key block, batch * KV head); it loops over the query heads of its
+  group and over query blocks, accumulating dK and dV in registers: no atomics, deterministic.
+- `_attn_bwd_dq_kernel`: one program per (query block, batch * query head), its own pass over key blocks.
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _empty
+
+LOG2_E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """Autotune configs (BLOCK_M, BLOCK_N, num_warps, num_stages); a single one under the interpreter."""
+    if _INTERPRET:
+        # Multi-config autotune fails in the interpreter ("0 active drivers"); 32 keeps dots GPU-legal (>= 16).
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose tiles do not fit the head dim's registers (D = 256 needs small tiles)."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 0))
+    kept = [c for c in configs if block_d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return kept or configs
+
+
+_AUTOTUNE_KEY = ["T_Q_BUCKET", "T_K_BUCKET", "BLOCK_D", "CAUSAL"]
+
+
+@triton.autotune(
+    configs=_configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (128, 128, 8, 2)]),
+    key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def _attn_fwd_kernel(
+    q, k, v, o, lse,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    T_Q, T_K, H_Q, N_REP, HEAD_DIM, scale_log2,
+    T_Q_BUCKET, T_K_BUCKET,
+    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H_Q
+    i_hq = i_bh % H_Q
+    i_hk = i_hq // N_REP
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m = o_m < T_Q
+    m_d = o_d < HEAD_DIM
+
+    p_q = q + i_b * stride_qb + i_hq * stride_qh + o_m[:, None] * stride_qt + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+    p_k = k + i_b * stride_kb + i_hk * stride_kh + o_d[None, :]
+    p_v = v + i_b * stride_vb + i_hk * stride_vh + o_d[None, :]
+
+    # Running max (base 2), running denominator and output accumulator, all fp32.
+    b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    offset = T_K - T_Q  # bottom-right alignment: query i sees keys <= i + offset
+    hi = T_K
+    if CAUSAL:
+        # Key blocks past the last key this query block can see are skipped entirely.
+        hi = tl.minimum(T_K, (i_m + 1) * BLOCK_M + offset)
+    for start_n in range(0, hi, BLOCK_N):
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        m_n = o_n < T_K
+        b_k = tl.load(p_k + o_n[:, None] * stride_kt, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_v = tl.load(p_v + o_n[:, None] * stride_vt, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale_log2
+        m_s = m_m[:, None] & m_n[None, :]
+        if CAUSAL:
+            m_s = m_s & (o_n[None, :] <= o_m[:, None] + offset)
+        b_s = tl.where(m_s, b_s, float("-inf"))
+        b_max_new = tl.maximum(b_max, tl.max(b_s, 1))
+        # A row that has seen only masked keys keeps max -inf; subtract 0 there so exp2 gives 0, not NaN.
+        b_max_safe = tl.where(b_max_new == float("-inf"), 0.0, b_max_new)
+        b_p = tl.exp2(b_s - b_max_safe[:, None])
+        b_alpha = tl.exp2(b_max - b_max_safe)
+        b_den = b_den * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+        b_max = b_max_new
+
+    # A query that sees no key at all (only when Tq > Tk and causal) outputs 0 and gets lse = +inf, so p = 0
+    # in the backward.
+    b_empty = b_den == 0.0
+    b_o = b_acc / tl.where(b_empty, 1.0, b_den)[:, None]
+    b_lse = tl.where(b_empty, float("inf"), b_max + tl.log2(tl.where(b_empty, 1.0, b_den)))
+    p_o = o + i_b * stride_ob + i_hq * stride_oh + o_m[:, None] * stride_ot + o_d[None, :]
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+    tl.store(lse + i_bh * T_Q + o_m, b_lse, mask=m_m)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    o, do, delta,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    T_Q, H_Q, HEAD_DIM,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H_Q
+    i_hq = i_bh % H_Q
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m = o_m < T_Q
+    m_md = m_m[:, None] & (o_d < HEAD_DIM)[None, :]
+    p_o = o + i_b * stride_ob + i_hq * stride_oh + o_m[:, None] * stride_ot + o_d[None, :]
+    b_o = tl.load(p_o, mask=m_md, other=0.0)
+    b_do = tl.load(do + i_b * stride_dob + i_hq * stride_doh + o_m[:, None] * stride_dot + o_d[None, :], mask=m_md,
+                   other=0.0)
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
+    tl.store(delta + i_bh * T_Q + o_m, b_delta, mask=m_m)
+
+
+@triton.autotune(
+    configs=_configs([(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 1)]),
+    key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q, k, v, do, lse, delta, dk, dv,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    T_Q, T_K, H_Q, H_K, N_REP, HEAD_DIM, sm_scale, scale_log2,
+    T_Q_BUCKET, T_K_BUCKET,
+    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # BLOCK_N keys of one KV head stay in registers; BLOCK_M query rows stream past them.
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H_K
+    i_hk = i_bh % H_K
+
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_n = o_n < T_K
+    m_d = o_d < HEAD_DIM
+    m_nd = m_n[:, None] & m_d[None, :]
+
+    p_k = k + i_b * stride_kb + i_hk * stride_kh + o_n[:, None] * stride_kt + o_d[None, :]
+    p_v = v + i_b * stride_vb + i_hk * stride_vh + o_n[:, None] * stride_vt + o_d[None, :]
+    b_k = tl.load(p_k, mask=m_nd, other=0.0)
+    b_v = tl.load(p_v, mask=m_nd, other=0.0)
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    offset = T_K - T_Q
+    lo = 0
+    if CAUSAL:
+        # Query i sees key j iff i >= j - offset: earlier query blocks contribute nothing to these keys.
+        lo = tl.maximum(i_n * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
+    # GQA: every query head of this KV head's group adds its contribution here, in registers.
+    for i_rep in range(N_REP):
+        i_hq = i_hk * N_REP + i_rep
+        p_q = q + i_b * stride_qb + i_hq * stride_qh + o_d[None, :]
+        p_do = do + i_b * stride_dob + i_hq * stride_doh + o_d[None, :]
+        p_stats = (i_b * H_Q + i_hq) * T_Q
+        for start_m in range(lo, T_Q, BLOCK_M):
+            o_m = start_m + tl.arange(0, BLOCK_M)
+            m_m = o_m < T_Q
+            m_md = m_m[:, None] & m_d[None, :]
+            b_q = tl.load(p_q + o_m[:, None] * stride_qt, mask=m_md, other=0.0)
+            b_do = tl.load(p_do + o_m[:, None] * stride_dot, mask=m_md, other=0.0)
+            b_lse = tl.load(lse + p_stats + o_m, mask=m_m, other=float("inf"))
+            b_delta = tl.load(delta + p_stats + o_m, mask=m_m, other=0.0)
+            # Transposed scores (keys x queries) so dK and dV come out of plain dots.
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * scale_log2
+            m_st = m_n[:, None] & m_m[None, :]
+            if CAUSAL:
+                m_st = m_st & (o_n[:, None] <= o_m[None, :] + offset)
+            b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
+            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+
+    b_dk = b_dk * sm_scale
+    o_out = i_b * stride_dkb + i_hk * stride_dkh + o_n[:, None] * stride_dkt + o_d[None, :]
+    # dk and dv are allocated alike, so they share strides.
+    tl.store(dk + o_out, b_dk.to(dk.dtype.element_ty), mask=m_nd)
+    tl.store(dv + o_out, b_dv.to(dv.dtype.element_ty), mask=m_nd)
+
+
+@triton.autotune(
+    configs=_configs([(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 2)]),
+    key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q, k, v, do, lse, delta, dq,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    T_Q, T_K, H_Q, N_REP, HEAD_DIM, sm_scale, scale_log2,
+    T_Q_BUCKET, T_K_BUCKET,
+    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H_Q
+    i_hq = i_bh % H_Q
+    i_hk = i_hq // N_REP
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m = o_m < T_Q
+    m_d = o_d < HEAD_DIM
+    m_md = m_m[:, None] & m_d[None, :]
+
+    p_q = q + i_b * stride_qb + i_hq * stride_qh + o_m[:, None] * stride_qt + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_md, other=0.0)
+    b_do = tl.load(do + i_b * stride_dob + i_hq * stride_doh + o_m[:, None] * stride_dot + o_d[None, :], mask=m_md,
+                   other=0.0)
+    b_lse = tl.load(lse + i_bh * T_Q + o_m, mask=m_m, other=float("inf"))
+    b_delta = tl.load(delta + i_bh * T_Q + o_m, mask=m_m, other=0.0)
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    p_k = k + i_b * stride_kb + i_hk * stride_kh + o_d[None, :]
+    p_v = v + i_b * stride_vb + i_hk * stride_vh + o_d[None, :]
+
+    offset = T_K - T_Q
+    hi = T_K
+    if CAUSAL:
+        hi = tl.minimum(T_K, (i_m + 1) * BLOCK_M + offset)
+    for start_n in range(0, hi, BLOCK_N):
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        m_n = o_n < T_K
+        b_k = tl.load(p_k + o_n[:, None] * stride_kt, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_v = tl.load(p_v + o_n[:, None] * stride_vt, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale_log2
+        m_s = m_m[:, None] & m_n[None, :]
+        if CAUSAL:
+            m_s = m_s & (o_n[None, :] <= o_m[:, None] + offset)
+        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
+
+    b_dq = b_dq * sm_scale
+    p_dq = dq + i_b * stride_dqb + i_hq * stride_dqh + o_m[:, None] * stride_dqt + o_d[None, :]
+    tl.store(p_dq, b_dq.to(dq.dtype.element_ty), mask=m_md)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels address D with stride 1; any other layout is read in place."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch_args(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
+    t_q, t_k, d = q.shape[1], k.shape[1], q.shape[3]
+    return {
+        "T_Q_BUCKET": triton.next_power_of_2(t_q), "T_K_BUCKET": triton.next_power_of_2(t_k), "CAUSAL": causal,
+        "BLOCK_D": max(16, triton.next_power_of_2(d)),
+        # fp32 inputs: full-precision dots on a GPU too (tl.dot would use TF32 otherwise).
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+    }
+
+
+def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+             sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: returns O (B, Tq, Hq, D) and the base-2 LSE (B, Hq, Tq) in fp32."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    batch, t_q, h_q, d = q.shape
+    t_k, h_k = k.shape[1], k.shape[2]
+    o = _empty((batch, t_q, h_q, d), q.dtype, q.device)
+    lse = _empty((batch, h_q, t_q), torch.float32, q.device)
+
+    def grid(meta):
+        return (triton.cdiv(t_q, meta["BLOCK_M"]), batch * h_q)
+
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        t_q, t_k, h_q, h_q // h_k, d, sm_scale * LOG2_E,
+        **_launch_args(q, k, causal),
+    )
+    return o, lse
+
+
+def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+             lse: torch.Tensor, causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch preprocess, dK/dV and dQ kernels: returns dq, dk, dv shaped like q, k, v."""
+    do, q, k, v, o = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(o)
+    batch, t_q, h_q, d = q.shape
+    t_k, h_k = k.shape[1], k.shape[2]
+    n_rep = h_q // h_k
+    block_d = max(16, triton.next_power_of_2(d))
+    args = _launch_args(q, k, causal)
+
+    delta = _empty((batch, h_q, t_q), torch.float32, q.device)
+    pre_block_m = 64
+    _attn_bwd_preprocess_kernel[(triton.cdiv(t_q, pre_block_m), batch * h_q)](
+        o, do, delta,
+        o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        t_q, h_q, d, BLOCK_M=pre_block_m, BLOCK_D=block_d,
+    )
+
+    dk = _empty(tuple(k.shape), k.dtype, k.device)
+    dv = _empty(tuple(v.shape), v.dtype, v.device)
+
+    def grid_kv(meta):
+        return (triton.cdiv(t_k, meta["BLOCK_N"]), batch * h_k)
+
+    _attn_bwd_dkdv_kernel[grid_kv](
+        q, k, v, do, lse, delta, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        t_q, t_k, h_q, h_k, n_rep, d, sm_scale, sm_scale * LOG2_E,
+        **args,
+    )
+
+    dq = _empty(tuple(q.shape), q.dtype, q.device)
+
+    def grid_q(meta):
+        return (triton.cdiv(t_q, meta["BLOCK_M"]), batch * h_q)
+
+    _attn_bwd_dq_kernel[grid_q](
+        q, k, v, do, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        t_q, t_k, h_q, n_rep, d, sm_scale, sm_scale * LOG2_E,
+        **args,
+    )
+    return dq, dk, dv
+
+
+# torch.library ops: opaque to torch.compile (no graph break), with fake implementations for tracing.
+@torch.library.custom_op("geb::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                       sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return attn_fwd(q, k, v, causal, sm_scale)
+
+
+@_flash_attn_fwd_op.register_fake
+def _(q, k, v, causal, sm_scale):
+    batch, t_q, h_q, d = q.shape
+    return q.new_empty((batch, t_q, h_q, d)), q.new_empty((batch, h_q, t_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("geb::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       lse: torch.Tensor, causal: bool,
+                       sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attn_bwd(do, q, k, v, o, lse, causal, sm_scale)
+
+
+@_flash_attn_bwd_op.register_fake
+def _(do, q, k, v, o, lse, causal, sm_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+class FlashAttnFunction(torch.autograd.Function):
+    """Autograd glue: saves q, k, v, O and LSE; the backward recomputes P block by block."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, sm_scale):
+        o, lse = torch.ops.geb.flash_attn_fwd(q, k, v, causal, sm_scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.sm_scale = causal, sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.geb.flash_attn_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
+        return dq, dk, dv, None, None
+
+
+def flash_attn_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                      sm_scale: float | None = None) -> torch.Tensor:
+    """FlashAttention-2 on (B, T, H, D) tensors with native GQA; differentiable."""
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    return FlashAttnFunction.apply(q, k, v, causal, float(sm_scale))

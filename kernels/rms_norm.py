@@ -1,0 +1,174 @@
+"""Fused RMSNorm in Triton: y = x * rstd * w over the last dimension, statistics in fp32.
+
+Forward saves rstd (fp32, one per row). Backward computes dX row-wise and dW as per-program fp32 partial sums
+(one row of `dw_partial` per program) reduced afterwards in fp32: no atomics, so dW is deterministic.
+Any hidden size: a row is one block of next_power_of_2(H) columns, masked.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _empty
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_FUSED_SIZE = 65536
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    x, w, y, rstd,
+    stride_x, stride_y,
+    N_ROWS, N_COLS, eps,
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    i_r = tl.program_id(0)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    o_h = tl.arange(0, BLOCK_H)
+    m_r = o_r < N_ROWS
+    m_h = o_h < N_COLS
+    m_rh = m_r[:, None] & m_h[None, :]
+
+    b_x = tl.load(x + o_r[:, None] * stride_x + o_h[None, :], mask=m_rh, other=0.0).to(tl.float32)
+    b_w = tl.load(w + o_h, mask=m_h, other=0.0).to(tl.float32)
+    # Masked columns load 0, so the sum of squares is over the real columns only.
+    b_rstd = tl.rsqrt(tl.sum(b_x * b_x, 1) / N_COLS + eps)
+    b_y = b_x * b_rstd[:, None] * b_w[None, :]
+    tl.store(y + o_r[:, None] * stride_y + o_h[None, :], b_y.to(y.dtype.element_ty), mask=m_rh)
+    tl.store(rstd + o_r, b_rstd, mask=m_r)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, X, W, RSTD, DX, DW_PARTIAL,
+    stride_dy, stride_x, stride_dx,
+    N_ROWS, N_COLS, ROWS_PER_PROGRAM,
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    # Each program owns a contiguous slab of rows and writes its own fp32 partial of dW.
+    i_p = tl.program_id(0)
+    o_h = tl.arange(0, BLOCK_H)
+    m_h = o_h < N_COLS
+    b_w = tl.load(W + o_h, mask=m_h, other=0.0).to(tl.float32)
+    b_dw = tl.zeros([BLOCK_H], dtype=tl.float32)
+    row_start = i_p * ROWS_PER_PROGRAM
+    row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, N_ROWS)
+    for start_r in range(row_start, row_end, BLOCK_R):
+        o_r = start_r + tl.arange(0, BLOCK_R)
+        m_r = o_r < row_end
+        m_rh = m_r[:, None] & m_h[None, :]
+        b_dy = tl.load(DY + o_r[:, None] * stride_dy + o_h[None, :], mask=m_rh, other=0.0).to(tl.float32)
+        b_x = tl.load(X + o_r[:, None] * stride_x + o_h[None, :], mask=m_rh, other=0.0).to(tl.float32)
+        b_rstd = tl.load(RSTD + o_r, mask=m_r, other=0.0)
+        b_xhat = b_x * b_rstd[:, None]
+        b_dyw = b_dy * b_w[None, :]
+        # dx = rstd * (dy*w - xhat * mean(dy*w*xhat)), the mean taken over the real columns.
+        b_dx = b_rstd[:, None] * (b_dyw - b_xhat * (tl.sum(b_dyw * b_xhat, 1) / N_COLS)[:, None])
+        tl.store(DX + o_r[:, None] * stride_dx + o_h[None, :], b_dx.to(DX.dtype.element_ty), mask=m_rh)
+        b_dw += tl.sum(b_dy * b_xhat, 0)
+    tl.store(DW_PARTIAL + i_p * N_COLS + o_h, b_dw, mask=m_h)
+
+
+def _block_sizes(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_H, num_warps): a few rows per program while a row is short, one when it is long."""
+    block_h = triton.next_power_of_2(n_cols)
+    if block_h > MAX_FUSED_SIZE:
+        raise ValueError(f"x.shape[-1] ({n_cols}) must be at most {MAX_FUSED_SIZE} for the Triton RMSNorm")
+    # Interpreter: fewer, bigger programs (each costs ~2 ms); GPU: about 4k elements per program.
+    budget = 16384 if _INTERPRET else 4096
+    block_r = max(1, min(64, budget // block_h))
+    num_warps = 4 if block_h * block_r <= 4096 else 8 if block_h * block_r <= 16384 else 16
+    return block_r, block_h, num_warps
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """View as (rows, H) with unit column stride (copies only if needed)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: returns y (shaped like x, x's dtype) and rstd (rows,) in fp32."""
+    x2, w = _rows(x), w.contiguous()
+    n_rows, n_cols = x2.shape
+    block_r, block_h, num_warps = _block_sizes(n_cols)
+    y = _empty((n_rows, n_cols), x.dtype, x.device)
+    rstd = _empty((n_rows,), torch.float32, x.device)
+    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+        x2, w, y, rstd, x2.stride(0), y.stride(0), n_rows, n_cols, eps,
+        BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps,
+    )
+    return y.view(x.shape), rstd
+
+
+def _num_programs(n_rows: int, block_r: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4  # interpreter: programs run one after another, few is fastest
+    return max(1, min(target, triton.cdiv(n_rows, block_r)))
+
+
+def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel: returns dx (like x) and dw (like w), dw summed in fp32 from partials."""
+    x2, dy2, w = _rows(x), _rows(dy), w.contiguous()
+    n_rows, n_cols = x2.shape
+    block_r, block_h, num_warps = _block_sizes(n_cols)
+    n_programs = _num_programs(n_rows, block_r, x.device)
+    # Whole BLOCK_R steps per program, so a program's rows never straddle another's.
+    rows_per_program = triton.cdiv(triton.cdiv(n_rows, n_programs), block_r) * block_r
+    n_programs = triton.cdiv(n_rows, rows_per_program)
+    dx = _empty((n_rows, n_cols), x.dtype, x.device)
+    dw_partial = _empty((n_programs, n_cols), torch.float32, x.device)
+    _rms_norm_bwd_kernel[(n_programs,)](
+        dy2, x2, w, rstd, dx, dw_partial,
+        dy2.stride(0), x2.stride(0), dx.stride(0),
+        n_rows, n_cols, rows_per_program,
+        BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps,
+    )
+    return dx.view(x.shape), dw_partial.sum(0).to(w.dtype)
+
+
+@torch.library.custom_op("geb::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd_op(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_fwd(x, w, eps)
+
+
+@_rms_norm_fwd_op.register_fake
+def _(x, w, eps):
+    return x.new_empty(x.shape), x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
+
+
+@torch.library.custom_op("geb::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                     rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_bwd(dy, x, w, rstd)
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy, x, w, rstd):
+    return x.new_empty(x.shape), w.new_empty(w.shape)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Autograd glue: saves x, w and rstd (fp32), not the normalized output."""
+
+    @staticmethod
+    def forward(ctx, x, w, eps):
+        y, rstd = torch.ops.geb.rms_norm_fwd(x, w, eps)
+        ctx.save_for_backward(x, w, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, rstd = ctx.saved_tensors
+        dx, dw = torch.ops.geb.rms_norm_bwd(dy, x, w, rstd)
+        return dx, dw, None
+
+
+def rms_norm_triton(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dimension with fp32 statistics; differentiable in x and w."""
+    return RMSNormFunction.apply(x, w, float(eps))

@@ -1,0 +1,123 @@
+"""Rotary position embedding in Triton, rotate-half convention (Hugging Face Llama), never in place.
+
+x (B, T, H, D) with any strides on B, T, H (a view of a fused projection is read in place); cos and sin (T, D // 2)
+fp32, row t for the token at position t of x: to decode at an offset, pass the rows of the cache positions.
+  out[..., :D/2] = x1 * cos - x2 * sin
+  out[..., D/2:] = x2 * cos + x1 * sin
+The backward is the same rotation by the opposite angle (sin negated), so one kernel does both.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _empty
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _rotary_kernel(
+    X, COS, SIN, OUT,
+    stride_xb, stride_xt, stride_xh,
+    stride_cos, N_ROWS, T, H, HALF,
+    BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    # A row is one (batch, token, head) vector of D elements; the output is contiguous (B, T, H, D).
+    i_r = tl.program_id(0)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    o_d = tl.arange(0, BLOCK_HALF)
+    m_r = o_r < N_ROWS
+    m_d = o_d < HALF
+    m_rd = m_r[:, None] & m_d[None, :]
+    i_b = o_r // (T * H)
+    i_t = (o_r // H) % T
+    i_h = o_r % H
+
+    p_x1 = X + (i_b * stride_xb + i_t * stride_xt + i_h * stride_xh)[:, None] + o_d[None, :]
+    b_x1 = tl.load(p_x1, mask=m_rd, other=0.0).to(tl.float32)
+    b_x2 = tl.load(p_x1 + HALF, mask=m_rd, other=0.0).to(tl.float32)
+    p_cs = i_t[:, None] * stride_cos + o_d[None, :]
+    b_cos = tl.load(COS + p_cs, mask=m_rd, other=0.0).to(tl.float32)
+    b_sin = tl.load(SIN + p_cs, mask=m_rd, other=0.0).to(tl.float32)
+    if BACKWARD:
+        b_sin = -b_sin  # the transpose of a rotation is the rotation by -angle
+
+    b_y1 = b_x1 * b_cos - b_x2 * b_sin
+    b_y2 = b_x2 * b_cos + b_x1 * b_sin
+    p_y1 = OUT + o_r[:, None] * (2 * HALF) + o_d[None, :]
+    tl.store(p_y1, b_y1.to(OUT.dtype.element_ty), mask=m_rd)
+    tl.store(p_y1 + HALF, b_y2.to(OUT.dtype.element_ty), mask=m_rd)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    batch, t, h, d = x.shape
+    half = d // 2
+    out = _empty((batch, t, h, d), x.dtype, x.device)
+    n_rows = batch * t * h
+    if n_rows == 0:
+        return out
+    block_half = triton.next_power_of_2(half)
+    # Interpreter: few big programs (each costs ~2 ms); GPU: about 2k pairs per program.
+    block_r = max(1, (16384 if _INTERPRET else 2048) // block_half)
+    _rotary_kernel[(triton.cdiv(n_rows, block_r),)](
+        x, cos, sin, out,
+        x.stride(0), x.stride(1), x.stride(2),
+        cos.stride(0), n_rows, t, h, half,
+        BACKWARD=backward, BLOCK_R=block_r, BLOCK_HALF=block_half, num_warps=4,
+    )
+    return out
+
+
+def rotary_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Launch the rotation: returns a new contiguous tensor shaped like x."""
+    return _rotate(x, cos, sin, backward=False)
+
+
+def rotary_bwd(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Launch the inverse rotation of the incoming gradient."""
+    return _rotate(dy, cos, sin, backward=True)
+
+
+@torch.library.custom_op("geb::rotary_fwd", mutates_args=())
+def _rotary_fwd_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return rotary_fwd(x, cos, sin)
+
+
+@_rotary_fwd_op.register_fake
+def _(x, cos, sin):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("geb::rotary_bwd", mutates_args=())
+def _rotary_bwd_op(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return rotary_bwd(dy, cos, sin)
+
+
+@_rotary_bwd_op.register_fake
+def _(dy, cos, sin):
+    return dy.new_empty(dy.shape)
+
+
+class RotaryFunction(torch.autograd.Function):
+    """Autograd glue: saves cos and sin only; no gradient flows to them (fixed fp32 tables)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return torch.ops.geb.rotary_fwd(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return torch.ops.geb.rotary_bwd(dy, cos, sin), None, None
+
+
+def apply_rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding of x (B, T, H, D) by cos/sin (T, D // 2); returns a new tensor."""
+    return RotaryFunction.apply(x, cos, sin)
