@@ -311,6 +311,7 @@ def prepare(
             "pad_id": tok.pad_id,
             "unk_id": tok.unk_id,
         },
+        "tokenizer_sha256": tok.sha256,
         "vocab_size": tok.vocab_size,
         "dtype": dtype.name,
         "val_fraction": val_fraction,
@@ -365,7 +366,7 @@ def read_manifest(data_dir: str | os.PathLike, *, model_vocab_size: int | None =
     if not tpath.exists():
         raise DataError(f"{tpath}: tokenizer missing (manifest {mpath} needs it)")
     sha = _sha256_file(tpath)
-    if sha != tok["sha256"]:
+    if sha != tok["sha256"] or m.get("tokenizer_sha256", sha) != sha:
         raise DataError(f"{tpath}: sha256 {sha[:12]}... does not match the manifest's {tok['sha256'][:12]}...; "
                         "shards were made with another tokenizer")
     if token_dtype(m["vocab_size"]) != dtype:
