@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,9 @@ import torch
 from geb.corpus import DataError, FileSource, Piece, resolve_corpus
 from geb.tokenizer import Tokenizer, train_tokenizer
 
-__all__ = ["DataError", "prepare", "read_manifest", "TokenLoader", "iter_eval_windows", "split_bytes"]
+__all__ = [
+    "DataError", "prepare", "read_manifest", "TokenLoader", "iter_eval_windows", "split_bytes", "write_token_dir",
+]
 
 FORMAT = "geb-tokens-v1"
 DEFAULT_VOCAB_SIZE = 8192  # ~10M chars of bilingual text: ~3.5k CJK chars at 0.9995 coverage + ~4.4k merges
@@ -221,8 +223,7 @@ def prepare(
             "tokenizer_sha256": _sha256_file(tok_path),
             "next_piece": 0,
             "shards": {"train": [], "val": []},
-            "stats": {"train": {"tokens": 0, "bytes": 0, "documents": 0}, "val": {"tokens": 0, "bytes": 0,
-                                                                                "documents": 0}},
+            "stats": {s: {"tokens": 0, "bytes": 0, "chars": 0, "documents": 0} for s in ("train", "val")},
         }
     else:
         _log(f"resuming: {len(progress['shards']['train'])} train / {len(progress['shards']['val'])} val shards done")
@@ -261,6 +262,7 @@ def prepare(
             w.add(ids)
             st = stats[split]
             st["bytes"] += len(piece.text.encode("utf-8"))
+            st["chars"] += len(piece.text)
             st["tokens"] += len(ids)
             if not piece.end:
                 continue
@@ -325,11 +327,38 @@ def prepare(
     ppath.unlink(missing_ok=True)
     for s in ("train", "val"):
         st = stats[s]
-        _log(f"{s}: {st['documents']} docs, {st['bytes']} UTF-8 bytes, {st['tokens']} tokens, "
-             f"{len(writers[s].shards)} shard(s)")
+        _log(f"{s}: {st['documents']} docs, {st['chars']} chars, {st['bytes']} UTF-8 bytes, "
+             f"{st['tokens']} tokens, {len(writers[s].shards)} shard(s)")
     _log(f"{mpath} written in {time.time() - t0:.1f}s")
     return mpath
 
+
+
+def write_token_dir(out_dir: str | os.PathLike, tokenizer: str | os.PathLike, splits: dict[str, Iterable[np.ndarray]],
+                    vocab_size: int | None = None) -> Path:
+    """Write a data directory from ready token arrays (one shard each): synthetic data for tests and benchmarks.
+
+    `vocab_size` overrides the tokenizer's (e.g. position-valued synthetic tokens); bytes are recorded as 0.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(tokenizer)
+    if Path(tokenizer).resolve() != (out / "tokenizer.model").resolve():
+        shutil.copyfile(tokenizer, out / ".tokenizer.model.tmp")
+        os.replace(out / ".tokenizer.model.tmp", out / "tokenizer.model")
+    vocab = vocab_size or tok.vocab_size
+    dtype = token_dtype(vocab)
+    split_meta = {}
+    for split in ("train", "val"):
+        shards = [_write_shard(out / f"{split}-{i:05d}.arrow", np.asarray(a).astype(dtype, copy=False))
+                  for i, a in enumerate(splits.get(split, ()))]
+        split_meta[split] = {"tokens": sum(e["tokens"] for e in shards), "bytes": 0, "documents": 0, "shards": shards}
+    tk = {"file": "tokenizer.model", "sha256": tok.sha256, "vocab_size": vocab, "bos_id": tok.bos_id,
+          "eos_id": tok.eos_id, "pad_id": tok.pad_id, "unk_id": tok.unk_id}
+    manifest = {"format": FORMAT, "fingerprint": "synthetic", "tokenizer": tk, "tokenizer_sha256": tok.sha256,
+                "vocab_size": vocab, "dtype": dtype.name, "splits": split_meta, "sources": []}
+    _atomic_write_json(out / "manifest.json", manifest)
+    return out / "manifest.json"
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
