@@ -170,18 +170,21 @@ class FileSource(Source):
 
     def _txt(self, stream) -> Iterator[Piece]:
         dec = codecs.getincrementaldecoder("utf-8")(errors="geb_count_replace")
-        buf, n = [], 0
+        buf, n, yielded = [], 0, False
         while line := stream.readline(CHUNK_CHARS):  # size-capped, so a file with no newline still streams
             s = dec.decode(line)
             buf.append(s)
             n += len(s)
             if n >= CHUNK_CHARS:
                 yield Piece("".join(buf), 0, False)
-                buf, n = [], 0
+                buf, n, yielded = [], 0, True
         buf.append(dec.decode(b"", final=True))
         text = "".join(buf)
-        self.meta["documents"] = 1
-        yield Piece(text, 0, True)
+        if yielded or text.strip():  # an empty (or blank) file is no document
+            self.meta["documents"] = 1
+            yield Piece(text, 0, True)
+        else:
+            self.meta["documents"] = 0
 
     def _jsonl(self, stream) -> Iterator[Piece]:
         doc = 0
@@ -196,6 +199,8 @@ class FileSource(Source):
             text = obj.get("text") if isinstance(obj, dict) else None
             if not isinstance(text, str):
                 raise DataError(f'{self.path}:{lineno}: no "text" string field')
+            if not text.strip():
+                continue
             yield Piece(text, doc, True)
             doc += 1
         self.meta["documents"] = doc
@@ -212,9 +217,10 @@ class FileSource(Source):
         doc = 0
         for batch in pf.iter_batches(columns=["text"], batch_size=1024):
             for v in batch.column(0).to_pylist():
-                if v is None:
+                text = _decode(v) if isinstance(v, bytes) else v
+                if not text or not text.strip():
                     continue
-                yield Piece(_decode(v) if isinstance(v, bytes) else str(v), doc, True)
+                yield Piece(text, doc, True)
                 doc += 1
         self.meta["documents"] = doc
         self.meta["sha256"] = _file_sha256(self.path)
