@@ -415,4 +415,6 @@ def flash_attn_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     """FlashAttention-2 on (B, T, H, D) tensors with native GQA; differentiable."""
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    if v is k:
+        v = v.view_as(v)  # torch.compile cannot trace autograd.Function.apply given one tensor twice; a view it can
     return FlashAttnFunction.apply(q, k, v, causal, float(sm_scale))

@@ -20,11 +20,16 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     return out.transpose(1, 2)
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 inputs; fp64 stays fp64 (tests use fp64 inputs as the ground truth)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension with fp32 statistics, returned in x's dtype."""
-    x_f = x.float()
+    """RMSNorm over the last dimension with (at least) fp32 statistics, returned in x's dtype."""
+    x_f = x.to(_compute_dtype(x))
     y = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    return (y * weight.to(x_f.dtype)).to(x.dtype)
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -33,9 +38,9 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary embedding; x (B, T, H, D), cos/sin (T, D//2) fp32; computed in fp32."""
+    """Rotate-half rotary embedding; x (B, T, H, D), cos/sin (T, D//2) fp32; computed in (at least) fp32."""
     half = x.shape[-1] // 2
-    x_f = x.float()
+    x_f = x.to(_compute_dtype(x))
     x1, x2 = x_f[..., :half], x_f[..., half:]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    c, s = cos.to(x_f.dtype)[None, :, None, :], sin.to(x_f.dtype)[None, :, None, :]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)

@@ -101,4 +101,6 @@ class SwiGLUFunction(torch.autograd.Function):
 
 def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up in one fused kernel; differentiable in both inputs."""
+    if up is gate:
+        up = up.view_as(up)  # torch.compile cannot trace autograd.Function.apply given one tensor twice; a view it can
     return SwiGLUFunction.apply(gate, up)
