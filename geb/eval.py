@@ -563,8 +563,8 @@ def _nll_windows(model, windows: Iterable[tuple[torch.Tensor, torch.Tensor]], de
             targets = targets.masked_fill(over, -1)
         logits, _ = model(inputs)
         mask = targets >= 0
-        nll = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
-        total += nll.item()
+        nll = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+        total += nll.double().sum().item()  # fp64 sum: a split has millions of terms
         n = int(mask.sum())
         count += n
         if progress is not None:
