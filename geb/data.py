@@ -11,6 +11,7 @@ fits, else uint32); every document is followed by EOS. Documents are split betwe
 from __future__ import annotations
 
 import argparse
+import bisect
 import hashlib
 import json
 import math
@@ -451,6 +452,7 @@ class _Shards:
         counts = np.array([e["tokens"] for e in shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])
         self.n = int(self.starts[-1])
+        self._starts = self.starts.tolist()  # bisect on a list beats np.searchsorted for one scalar
         self._open: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def shard(self, i: int) -> np.ndarray:
@@ -467,11 +469,15 @@ class _Shards:
     def read(self, start: int, out: np.ndarray) -> int:
         """Copy tokens [start, start+len(out)) into out (clipped at the end); return how many were copied."""
         n = min(len(out), self.n - start)
+        i = bisect.bisect_right(self._starts, start) - 1
+        off = start - self._starts[i]
+        if off + n <= self._starts[i + 1] - self._starts[i]:  # the common case: inside one shard
+            out[:n] = self.shard(i)[off : off + n]
+            return n
         done = 0
-        i = int(np.searchsorted(self.starts, start, side="right")) - 1
         while done < n:
-            off = start + done - int(self.starts[i])
-            take = min(n - done, int(self.starts[i + 1]) - start - done)
+            off = start + done - self._starts[i]
+            take = min(n - done, self._starts[i + 1] - start - done)
             out[done : done + take] = self.shard(i)[off : off + take]
             done += take
             i += 1
