@@ -164,7 +164,12 @@ def prepare(
     if shard_tokens < 1:
         raise DataError(f"shard_tokens must be >= 1, got {shard_tokens}")
     sources = resolve_corpus(corpus, Path(cache) if cache else None)
-    tok_sha = _sha256_file(Path(tokenizer)) if tokenizer else None
+    tok_sha = None
+    if tokenizer:
+        try:
+            tok_sha = Tokenizer(tokenizer).sha256
+        except ValueError as e:  # unreadable or not a SentencePiece model: the message names the file
+            raise DataError(str(e)) from e
     config = {
         "format": FORMAT,
         "sources": [s.fingerprint() for s in sources],
@@ -226,13 +231,18 @@ def prepare(
             "shards": {"train": [], "val": []},
             "stats": {s: {"tokens": 0, "bytes": 0, "chars": 0, "documents": 0} for s in ("train", "val")},
         }
+        _atomic_write_json(ppath, progress)  # a crash while tokenizing keeps the trained tokenizer
     else:
         _log(f"resuming: {len(progress['shards']['train'])} train / {len(progress['shards']['val'])} val shards done")
     # Clean temp files of a crashed run.
     for p in out.glob(".*.tmp*"):
         p.unlink(missing_ok=True)
+    for p in out.glob(".spm-*"):
+        shutil.rmtree(p, ignore_errors=True)
 
     tok = Tokenizer(tok_path)
+    if tok.eos_id < 0:
+        raise DataError(f"{tokenizer or tok_path}: tokenizer has no EOS id (needed between documents)")
     dtype = token_dtype(tok.vocab_size)
     eos = np.array([tok.eos_id], dtype=dtype)
     stats = progress["stats"]
@@ -595,6 +605,7 @@ def iter_eval_windows(data_dir: str | os.PathLike, split: str, seq_len: int, bat
     m = read_manifest(data_dir)
     shards = _split_shards(m, split)
     eos, pad = m["tokenizer"]["eos_id"], m["tokenizer"]["pad_id"]
+    pad = pad if pad >= 0 else eos  # tokenizers without a pad id: any valid id will do, its targets are ignored
     T = seq_len
     n_windows = -(-shards.n // T)
     for b, w0 in enumerate(range(0, n_windows, batch_size)):

@@ -199,6 +199,14 @@ def test_bad_corpus(tmp_path, tok_path, make, match):
         _prep(tmp_path, make(tmp_path), tok_path)
 
 
+def test_bad_tokenizer_file(tmp_path):
+    (tmp_path / "junk.model").write_bytes(b"junk")
+    with pytest.raises(DataError, match=r"junk\.model: not a SentencePiece model"):
+        _prep(tmp_path, [CORPUS / "macbeth_act1.txt"], tmp_path / "junk.model")
+    with pytest.raises(DataError, match=r"nope\.model: cannot read tokenizer model"):
+        _prep(tmp_path, [CORPUS / "macbeth_act1.txt"], tmp_path / "nope.model")
+
+
 def test_parquet_without_text_column(tmp_path, tok_path):
     import pyarrow.parquet as pq
 
