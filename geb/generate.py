@@ -1,0 +1,145 @@
+"""Batch-1 generation on a static KV cache: one-pass prefill, a (compilable) decode step, and sampling.
+
+Shared by infer_cpu.py and evaluation. The decode step has the same shapes at every position (it attends over the
+whole preallocated cache with a mask), so `torch.compile` compiles it once.
+"""
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from geb.model import GEB, rope_cos_sin
+
+
+def forward_last(model: GEB, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """Logits (B, vocab) of the last position of idx (B, T) at positions input_pos (T,), through the KV cache."""
+    # Mirrors GEB.forward, but with tensor positions (static shapes) and the LM head on the last position only:
+    # in prefill, the full-sequence logits would cost T x 2048 x 64,896 multiply-adds for nothing.
+    x = model.embed_tokens(idx)
+    cos, sin = rope_cos_sin(model.config.head_dim, input_pos, model.config.rope_theta)
+    for layer in model.layers:
+        x = layer(x, cos, sin, input_pos)
+    return model.lm_head(model.norm(x[:, -1]))
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> int:
+    """One token id from logits (vocab,): temperature 0 is greedy; top-k then top-p (nucleus) filtering."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already reach top_p (the first token always stays).
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def fit_prompt(prompt: list[int], context: int, max_new_tokens: int) -> list[int]:
+    """The prompt, cut to its last tokens (with a warning on stderr) when it leaves no room in the context."""
+    if len(prompt) <= context - 1:
+        return prompt
+    # Keep room for the continuation, but never less than half the context of the prompt.
+    keep = max(context // 2, context - max(max_new_tokens, 1))
+    print(f"warning: prompt of {len(prompt)} tokens does not fit the context of {context}; "
+          f"keeping its last {keep} tokens", file=sys.stderr)
+    return prompt[-keep:]
+
+
+@dataclass
+class GenerationStats:
+    """Timings of one generate() call (seconds); compile_s is the first-call cost of a compiled step."""
+
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    new_tokens: int = 0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    compile_s: float = 0.0
+    stop_reason: str = ""
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first new token comes from the prefill logits; decode_s covers the steps after it (and sampling).
+        return self.decode_steps / self.decode_s if self.decode_steps and self.decode_s > 0 else 0.0
+
+
+class Generator:
+    """A model with a static batch-1 KV cache and a decode step, eager or compiled (compiled once, lazily)."""
+
+    def __init__(self, model: GEB, max_seq_len: int | None = None, compile: bool = False,
+                 compile_mode: str | None = None):
+        self.model = model.eval()
+        self.max_seq_len = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
+        dtype = model.embed_tokens.weight.dtype
+        model.setup_kv_cache(1, self.max_seq_len, dtype=dtype if dtype.is_floating_point else torch.float32)
+        self.compile = compile
+        self._step: Callable = self._eager_step
+        if compile:
+            self._step = torch.compile(self._eager_step, mode=compile_mode, fullgraph=True, dynamic=False)
+        self.compiled_once = not compile
+
+    def _eager_step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return forward_last(self.model, token, input_pos)
+
+    @torch.no_grad()
+    def warmup(self) -> float:
+        """Run (and for --compile, compile) the decode step once; seconds spent. The cache content is irrelevant."""
+        t0 = time.perf_counter()
+        token = torch.zeros(1, 1, dtype=torch.long)
+        for pos in (0, 1):  # a second call checks that a new position value does not recompile
+            self._step(token, torch.tensor([pos]))
+        self.compiled_once = True
+        return time.perf_counter() - t0
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, eos_id: int | None = None,
+                 stats: GenerationStats | None = None) -> Iterator[int]:
+        """Yield up to max_new_tokens new ids after prompt; stops at eos_id (not yielded) or the context limit."""
+        if not prompt:
+            raise ValueError("prompt must hold at least one token (e.g. BOS)")
+        stats = stats if stats is not None else GenerationStats()
+        if not self.compiled_once:
+            stats.compile_s = self.warmup()
+        prompt = fit_prompt(list(prompt), self.max_seq_len, max_new_tokens)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        stats.prompt_tokens = len(prompt)
+        t0 = time.perf_counter()
+        idx = torch.tensor([prompt], dtype=torch.long)
+        logits = forward_last(self.model, idx, torch.arange(len(prompt)))  # prefill is eager: its length varies
+        stats.prefill_s = time.perf_counter() - t0
+        pos = len(prompt)
+        stats.stop_reason = "max_new_tokens"
+        while stats.new_tokens < max_new_tokens:
+            t0 = time.perf_counter()
+            token = sample(logits[0], temperature, top_k, top_p, gen)
+            stats.decode_s += time.perf_counter() - t0
+            if eos_id is not None and token == eos_id:
+                stats.stop_reason = "eos"
+                break
+            stats.new_tokens += 1
+            yield token  # the consumer's time (printing) is not counted
+            if stats.new_tokens == max_new_tokens:
+                break
+            if pos >= self.max_seq_len:
+                stats.stop_reason = "context"
+                break
+            t0 = time.perf_counter()
+            logits = self._step(torch.tensor([[token]]), torch.tensor([pos]))
+            stats.decode_s += time.perf_counter() - t0
+            stats.decode_steps += 1
+            pos += 1
