@@ -1,0 +1,212 @@
+"""Generate text on a CPU from a geb checkpoint: static KV cache, optional torch.compile and int8 quantization.
+
+    python infer_cpu.py --prompt "Once upon a time"            # latest checkpoint of out/tiny
+    python infer_cpu.py --ckpt out/tiny/ckpt-0001000.pt --prompt "..." --quant int8 --compile
+    python infer_cpu.py --bench --quant int8 --compile          # random geb-1.3b weights, one JSON line
+
+The continuation streams to stdout; a stats line goes to stderr. Training documents are followed by EOS, so the
+prompt is preceded by EOS (the tokenizer's BOS if it has no EOS): an empty prompt samples a document from scratch.
+Generation stops at EOS, after --max-new-tokens, or at the model's context limit. Ctrl-C stops early (exit 0).
+"""
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_RUN = "out/tiny"
+TRAIN_HINT = "torchrun --standalone --nproc_per_node=2 train.py` (or `python train.py`)"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def random_model(preset_name: str, seed: int = 0):
+    """A random-init GEB of a preset, built on the meta device then filled once (no second copy, no slow init)."""
+    from geb.config import preset
+    from geb.model import GEB
+
+    config = preset(preset_name, dropout=0.0)
+    with torch.device("meta"):
+        model = GEB(config)
+    model = model.to_empty(device="cpu")
+    if config.tie_embeddings:  # to_empty allocates each module's parameters separately
+        model.lm_head.weight = model.embed_tokens.weight
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)  # RMSNorm weights
+            else:
+                # Uniform with std 0.02 is much faster to draw than normal_ and just as good for timing.
+                p.uniform_(-0.02 * 3**0.5, 0.02 * 3**0.5, generator=gen)
+    return model.eval()
+
+
+def prepare(model, quant: str, compile: bool, cache_len: int, compile_mode: str | None):
+    """Quantize, then build the Generator (its decode step compiled lazily on first use)."""
+    from geb.generate import Generator
+    from geb.quant import quantize_int8
+
+    method = None
+    if quant == "int8":
+        method = quantize_int8(model)
+    return Generator(model, max_seq_len=cache_len, compile=compile, compile_mode=compile_mode), method
+
+
+def bench(args) -> None:
+    """Random-init model from --preset: time load, compile, prefill and decode; one JSON line on stdout."""
+    from geb.generate import GenerationStats
+
+    t0 = time.perf_counter()
+    model = random_model(args.preset, args.seed or 0)
+    new_tokens = args.max_new_tokens or 64
+    prompt = torch.randint(0, model.config.vocab_size, (args.bench_prompt_tokens,),
+                           generator=torch.Generator().manual_seed(1)).tolist()
+    cache_len = min(model.config.max_seq_len, len(prompt) + new_tokens)
+    gen, method = prepare(model, args.quant, args.compile, cache_len, args.compile_mode)
+    load_s = time.perf_counter() - t0
+    stats = GenerationStats()
+    compile_s = gen.warmup()  # eager warmup too, so first-call allocations do not count as decode time
+    for _ in gen.generate(prompt, new_tokens, temperature=0.0, stats=stats):
+        pass
+    print(json.dumps({
+        "preset": args.preset, "quant": args.quant, "quant_method": method, "compile": args.compile,
+        "compile_mode": args.compile_mode if args.compile else None, "threads": torch.get_num_threads(),
+        "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
+        "prefill_tokens_per_s": round(stats.prefill_tokens_per_s, 2),
+        "decode_tokens_per_s": round(stats.decode_tokens_per_s, 3), "peak_rss_mb": round(peak_rss_mb()),
+        "load_s": round(load_s, 2), "compile_s": round(compile_s if args.compile else 0.0, 2),
+        "torch": torch.__version__,
+    }), flush=True)
+
+
+def load(args):
+    """Model and tokenizer of --ckpt (default: the latest checkpoint of out/tiny); user errors exit with one line."""
+    from geb.checkpoint import CheckpointError, list_checkpoints, load_model
+
+    source = Path(args.ckpt or DEFAULT_RUN)
+    if args.ckpt is None and not list_checkpoints(source):
+        sys.exit(f"error: no checkpoint in {source}/; train one with `{TRAIN_HINT}, or pass --ckpt PATH")
+    try:
+        model, tokenizer_path = load_model(source)
+    except CheckpointError as e:
+        hint = f"; train one with `{TRAIN_HINT}" if source.is_dir() and not list_checkpoints(source) else ""
+        sys.exit(f"error: --ckpt {e}{hint}")
+    if tokenizer_path is None:
+        where = source if source.is_dir() else source.parent
+        sys.exit(f"error: --ckpt {source}: no tokenizer.model found (looked in {where}/ and the checkpoint's "
+                 "data_dir); copy the tokenizer the model was trained with there")
+    from geb.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer(tokenizer_path)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        sys.exit(f"error: {tokenizer_path} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                 f"{model.config.vocab_size}: not the tokenizer this checkpoint was trained with")
+    return model, tokenizer
+
+
+def generate(args) -> None:
+    """Stream the continuation of --prompt to stdout, stats to stderr."""
+    from geb.generate import GenerationStats, fit_prompt
+
+    t0 = time.perf_counter()
+    model, tok = load(args)
+    start = [tok.eos_id if tok.eos_id >= 0 else tok.bos_id]
+    if start[0] < 0:
+        start = []
+    prompt = fit_prompt(start + tok.encode(args.prompt), model.config.max_seq_len, args.max_new_tokens)
+    if not prompt:
+        sys.exit("error: --prompt is empty and the tokenizer has neither EOS nor BOS to start from")
+    cache_len = min(model.config.max_seq_len, len(prompt) + args.max_new_tokens)
+    gen, _ = prepare(model, args.quant, args.compile, cache_len, args.compile_mode)
+    load_s = time.perf_counter() - t0
+    compile_s = gen.warmup() if args.compile else 0.0
+    temperature = 0.0 if args.greedy else args.temperature
+    stats = GenerationStats()
+    decoder = tok.stream_decoder()
+    for t in prompt:  # prime the decoder so the continuation's first piece decodes in context (leading spaces)
+        decoder.push(t)
+    decoder.flush()
+    out = sys.stdout
+    interrupted = False
+    try:
+        for token in gen.generate(prompt, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
+                                  top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id, stats=stats):
+            text = decoder.push(token)
+            if text:
+                out.write(text)
+                out.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+    out.write(decoder.flush() + "\n")
+    out.flush()
+    stop = "interrupted" if interrupted else stats.stop_reason
+    print(f"[prompt {stats.prompt_tokens} tokens | prefill {stats.prefill_tokens_per_s:.1f} tok/s | "
+          f"decode {stats.decode_tokens_per_s:.2f} tok/s ({stats.new_tokens} tokens, stop: {stop}) | "
+          f"peak RSS {peak_rss_mb():.0f} MB | load {load_s:.2f} s | compile {compile_s:.2f} s]", file=sys.stderr)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", default="", help="text to continue (default: empty = start a new document)")
+    p.add_argument("--ckpt", default=None,
+                   help=f"run dir (latest ckpt-*.pt), checkpoint file or HF Llama dir (default: {DEFAULT_RUN})")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 256; --bench 64)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=200, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1)")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--quant", choices=("none", "int8"), default="none", help="int8: dynamic int8 on every linear")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
+    p.add_argument("--bench", action="store_true", help="time a random-init --preset model; print one JSON line")
+    p.add_argument("--preset", default="geb-1.3b", help="model preset for --bench (default geb-1.3b)")
+    p.add_argument("--bench-prompt-tokens", type=int, default=16, help="prompt length for --bench")
+    args = p.parse_args(argv)
+    for flag in ("max_new_tokens", "threads", "bench_prompt_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 0:
+        p.error(f"--top-k must be >= 0, got {args.top_k}")
+    if args.bench:
+        from geb.config import PRESETS
+        if args.preset not in PRESETS:
+            p.error(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
+    elif args.max_new_tokens is None:
+        args.max_new_tokens = 256
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    try:
+        with torch.no_grad():
+            bench(args) if args.bench else generate(args)
+    except KeyboardInterrupt:  # outside the token loop (loading, compiling): stop quietly
+        print(file=sys.stderr)
+    except BrokenPipeError:  # `| head`: the reader is gone
+        sys.stderr.close()
+
+
+if __name__ == "__main__":
+    main()

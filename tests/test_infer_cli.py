@@ -1,0 +1,143 @@
+"""infer_cpu.py end to end: streaming equals the one-shot decode, user errors are one line, Ctrl-C exits 0, --bench."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import infer_cpu
+from geb.checkpoint import file_sha256, save_checkpoint
+from geb.config import ModelConfig
+from geb.generate import Generator
+from geb.model import GEB
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = Path(__file__).parent / "fixtures" / "corpus"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny ops on a shared 2-core box: two OpenMP threads competing with other processes run ~10x slower than one.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory) -> Path:
+    from geb.tokenizer import train_tokenizer
+
+    text = (CORPUS / "macbeth_act1.txt").read_text(encoding="utf-8")[:20000]
+    zh = "\n".join(json.loads(line)["text"] for line in (CORPUS / "news_zh.jsonl").read_text().splitlines())
+    return train_tokenizer([text, zh[:10000]], tmp_path_factory.mktemp("tok") / "tok", 500, num_threads=1)
+
+
+def make_run(run_dir: Path, tokenizer_file: Path, max_seq_len: int = 128, copy_tokenizer: bool = True,
+             sha: str | None = None) -> GEB:
+    """A run dir as train.py writes it: ckpt-*.pt (with the tokenizer's sha256) and tokenizer.model."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                         max_seq_len=max_seq_len)
+    model = GEB(config).eval()
+    state = {"model": model.state_dict(), "model_config": config.to_dict(), "step": 10,
+             "tokenizer_sha256": sha or file_sha256(tokenizer_file), "data_dir": None}
+    save_checkpoint(run_dir, 10, state)
+    if copy_tokenizer:
+        shutil.copyfile(tokenizer_file, run_dir / "tokenizer.model")
+    return model
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """infer_cpu.main in this process (fast); returns (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        infer_cpu.main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    finally:
+        torch.set_num_threads(1)  # main() sets --threads (default: all cores) for the whole process
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_streamed_output_equals_one_shot_decode(tmp_path, tokenizer_file, capsys):
+    from geb.tokenizer import Tokenizer
+
+    model = make_run(tmp_path / "run", tokenizer_file)
+    prompt = "When shall we three meet 新华社"
+    code, out, err = run_main(["--ckpt", str(tmp_path / "run"), "--prompt", prompt, "--greedy",
+                               "--max-new-tokens", "40", "--threads", "1"], capsys)
+    assert code == 0, err
+    tok = Tokenizer(tokenizer_file)
+    ids = [tok.eos_id] + tok.encode(prompt)
+    expected = list(Generator(model).generate(ids, 40, temperature=0.0, eos_id=tok.eos_id))
+    assert out == tok.decode(expected) + "\n"
+    stats = err.strip().splitlines()[-1]
+    for key in ("prompt", "prefill", "decode", "tok/s", "peak RSS"):
+        assert key in stats
+
+
+def test_sampling_seed_and_empty_prompt(tmp_path, tokenizer_file, capsys):
+    make_run(tmp_path / "run", tokenizer_file)
+    argv = ["--ckpt", str(tmp_path / "run" / "ckpt-0000010.pt"), "--prompt", "", "--seed", "7",
+            "--max-new-tokens", "20", "--top-p", "0.9"]
+    code, a, err = run_main(argv, capsys)
+    assert code == 0, err
+    assert "prompt 1 tokens" in err  # an empty prompt starts a new document from EOS
+    code, b, _ = run_main(argv, capsys)
+    assert code == 0 and a == b and a.strip()
+
+
+def test_no_checkpoint_says_how_to_train(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(["--prompt", "hi"], capsys)
+    assert code != 0
+    assert "torchrun --standalone --nproc_per_node=2 train.py" in err and "python train.py" in err
+    assert "Traceback" not in err
+    code, _, err = run_main(["--ckpt", str(tmp_path / "nope"), "--prompt", "hi"], capsys)
+    assert code != 0 and "--ckpt" in err and "nope" in err
+
+
+def test_missing_or_mismatched_tokenizer(tmp_path, tokenizer_file, capsys):
+    make_run(tmp_path / "a", tokenizer_file, copy_tokenizer=False)
+    code, _, err = run_main(["--ckpt", str(tmp_path / "a"), "--prompt", "hi"], capsys)
+    assert code != 0 and "tokenizer.model" in err and len(err.strip().splitlines()) == 1
+    make_run(tmp_path / "b", tokenizer_file, sha="0" * 64)
+    code, _, err = run_main(["--ckpt", str(tmp_path / "b"), "--prompt", "hi"], capsys)
+    assert code != 0 and "does not match" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_json_line(capsys):
+    code, out, err = run_main(["--bench", "--preset", "tiny", "--max-new-tokens", "8", "--threads", "1",
+                               "--quant", "int8"], capsys)
+    assert code == 0, err
+    row = json.loads(out.strip())
+    for key in ("preset", "quant", "compile", "threads", "prefill_tokens_per_s", "decode_tokens_per_s",
+                "peak_rss_mb", "load_s", "compile_s"):
+        assert key in row
+    assert row["preset"] == "tiny" and row["quant"] == "int8" and row["new_tokens"] == 8
+    assert row["decode_tokens_per_s"] > 0
+
+
+def test_ctrl_c_flushes_and_exits_zero(tmp_path, tokenizer_file):
+    # A long context so generation is still running when the signal arrives.
+    make_run(tmp_path / "run", tokenizer_file, max_seq_len=4096)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "infer_cpu.py"), "--ckpt", str(tmp_path / "run"),
+                             "--prompt", "Thunder", "--max-new-tokens", "4000", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    first = proc.stdout.read(1)  # generation has started once text arrives
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert first and "stop: interrupted" in err.decode()
+    assert "Traceback" not in err.decode()
