@@ -237,8 +237,6 @@ def prepare(
     # Clean temp files of a crashed run.
     for p in out.glob(".*.tmp*"):
         p.unlink(missing_ok=True)
-    for p in out.glob(".spm-*"):
-        shutil.rmtree(p, ignore_errors=True)
 
     tok = Tokenizer(tok_path)
     if tok.eos_id < 0:

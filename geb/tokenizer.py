@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import io
 import os
 import random
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -177,7 +177,8 @@ def train_tokenizer(
     Trains on a uniform (seeded) reservoir sample of at most `max_sentences` lines, so memory is bounded whatever
     the corpus size. When the sample has more distinct characters than half the non-special ids (a tiny vocab on
     Chinese text; SentencePiece refuses coverage < 0.98), the rarest are cut out of the sample, and byte
-    fallback spells them. Writes go to a temporary prefix and are renamed.
+    fallback spells them. The model bytes are a deterministic function of the sample, options and thread count;
+    the file is written to a temporary name and renamed.
     """
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -193,41 +194,38 @@ def train_tokenizer(
     if not lines:
         raise ValueError(f"{out_prefix}: no text to train the tokenizer on (only whitespace)")
     lines = _fit_chars(lines, vocab_size - n_special)
-    tmp_dir = tempfile.mkdtemp(prefix=".spm-", dir=out_prefix.parent)
-    tmp_prefix = os.path.join(tmp_dir, "m")
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
-            model_prefix=tmp_prefix,
-            model_type="bpe",
-            vocab_size=vocab_size,
-            character_coverage=character_coverage,
-            byte_fallback=True,
-            split_digits=True,
-            split_by_unicode_script=True,
-            allow_whitespace_only_pieces=True,
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            normalization_rule_name="identity",
-            max_sentence_length=4 * _MAX_LINE_CHARS + 16,
-            input_sentence_size=0,  # already sampled
-            # Multi-char pieces only where the corpus supports them; rare pieces would never train anyway.
-            hard_vocab_limit=False,
-            pad_id=PAD_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            unk_id=UNK_ID,
-            unk_surface=" \u2047 ",
-            num_threads=num_threads or os.cpu_count() or 1,
-            minloglevel=2,
-        )
-        os.replace(tmp_prefix + ".model", str(out_prefix) + ".model")
-        os.replace(tmp_prefix + ".vocab", str(out_prefix) + ".vocab")
-    finally:
-        for name in os.listdir(tmp_dir):
-            os.unlink(os.path.join(tmp_dir, name))
-        os.rmdir(tmp_dir)
-    return Path(str(out_prefix) + ".model")
+    # Written to memory, not to a model_prefix: the prefix would be recorded in the model and change its sha256.
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        character_coverage=character_coverage,
+        byte_fallback=True,
+        split_digits=True,
+        split_by_unicode_script=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        normalization_rule_name="identity",
+        max_sentence_length=4 * _MAX_LINE_CHARS + 16,
+        input_sentence_size=0,  # already sampled
+        # A small corpus may support fewer pieces than asked for: take what it has rather than fail.
+        hard_vocab_limit=False,
+        pad_id=PAD_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
+        unk_surface=" \u2047 ",
+        num_threads=num_threads or os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    path = Path(str(out_prefix) + ".model")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, path)
+    return path
 
 
 def _chain(first, rest):

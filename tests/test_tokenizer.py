@@ -111,7 +111,9 @@ def test_train_from_files(tmp_path):
     t = Tokenizer(path)
     assert path == tmp_path / "m.model" and t.vocab_size <= 400
     assert t.decode(t.encode("Fair is foul, and foul is fair")) == "Fair is foul, and foul is fair"
-    assert not list(tmp_path.glob(".spm-*"))  # temp dir cleaned
+    assert [f.name for f in tmp_path.iterdir()] == ["m.model"]  # no temp files left
+    again = train_tokenizer([CORPUS / "macbeth_act1.txt"], tmp_path / "elsewhere" / "m", 400)
+    assert Tokenizer(again).sha256 == t.sha256  # deterministic, whatever the output path
 
 
 def test_bad_inputs(tmp_path):
