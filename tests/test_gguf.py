@@ -1,0 +1,191 @@
+"""GGUF export: the file reads back with gguf's reader (shapes, metadata, vocabulary), and a NumPy Llama forward in
+llama.cpp's conventions (interleaved-pair rotary) on the exported tensors gives geb's logits."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from geb.checkpoint import file_sha256, save_checkpoint
+from geb.config import ModelConfig
+from geb.model import GEB
+
+gguf = pytest.importorskip("gguf")
+from geb.gguf import export_gguf  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = Path(__file__).parent / "fixtures" / "corpus"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny ops on a shared 2-core box: two OpenMP threads competing with other processes run ~10x slower than one.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory) -> Path:
+    from geb.tokenizer import train_tokenizer
+
+    text = (CORPUS / "macbeth_act1.txt").read_text(encoding="utf-8")[:20000]
+    zh = "\n".join(json.loads(line)["text"] for line in (CORPUS / "news_zh.jsonl").read_text().splitlines())
+    return train_tokenizer([text, zh[:10000]], tmp_path_factory.mktemp("tok") / "tok", 400, num_threads=1)
+
+
+def tiny_model(vocab_size: int, n_kv_heads: int = 2, tie: bool = False) -> GEB:
+    torch.manual_seed(n_kv_heads)
+    config = ModelConfig(vocab_size=vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, ffn_dim=96,
+                         max_seq_len=64, rope_theta=5000.0, tie_embeddings=tie)
+    model = GEB(config, impl="torch").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)  # non-trivial norm weights so a misplaced norm shows
+    return model
+
+
+def read(path: Path) -> tuple[dict, dict]:
+    """Tensors as fp32 (out, in) arrays and the metadata fields of a GGUF file."""
+    reader = gguf.GGUFReader(path)
+    tensors = {}
+    for t in reader.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type) if t.tensor_type not in (0, 1) else t.data
+        tensors[t.name] = np.asarray(data, dtype=np.float32).reshape(tuple(reversed([int(n) for n in t.shape])))
+    return tensors, reader.fields
+
+
+def field(fields: dict, key: str):
+    return fields[key].contents()
+
+
+def llama_cpp_style_logits(t: dict, meta: dict, ids: list[int]) -> np.ndarray:
+    """A plain NumPy Llama forward as llama.cpp computes it: rotary on interleaved pairs (2i, 2i+1)."""
+    n_head, n_kv = field(meta, "llama.attention.head_count"), field(meta, "llama.attention.head_count_kv")
+    eps, base = field(meta, "llama.attention.layer_norm_rms_epsilon"), field(meta, "llama.rope.freq_base")
+    x = t["token_embd.weight"][ids].astype(np.float64)
+    T, d = x.shape
+    hd = d // n_head
+    ang = np.arange(T)[:, None] * base ** (-np.arange(0, hd, 2) / hd)[None, :]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+
+    def norm(v, w):
+        return v / np.sqrt((v * v).mean(-1, keepdims=True) + eps) * w
+
+    def rope(v):
+        a, b = v[..., 0::2], v[..., 1::2]
+        out = np.empty_like(v)
+        out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
+        return out
+
+    mask = np.triu(np.full((T, T), -np.inf), 1)
+    for i in range(field(meta, "llama.block_count")):
+        p = f"blk.{i}."
+        h = norm(x, t[p + "attn_norm.weight"])
+        q = rope((h @ t[p + "attn_q.weight"].T).reshape(T, n_head, hd))
+        k = rope((h @ t[p + "attn_k.weight"].T).reshape(T, n_kv, hd))
+        v = (h @ t[p + "attn_v.weight"].T).reshape(T, n_kv, hd)
+        k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
+        s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd) + mask
+        pr = np.exp(s - s.max(-1, keepdims=True))
+        pr /= pr.sum(-1, keepdims=True)
+        x = x + np.einsum("hqk,khd->qhd", pr, v).reshape(T, d) @ t[p + "attn_output.weight"].T
+        h = norm(x, t[p + "ffn_norm.weight"])
+        g, u = h @ t[p + "ffn_gate.weight"].T, h @ t[p + "ffn_up.weight"].T
+        x = x + (g / (1 + np.exp(-g)) * u) @ t[p + "ffn_down.weight"].T
+    out = t.get("output.weight", t["token_embd.weight"])
+    return norm(x, t["output_norm.weight"]) @ out.T
+
+
+@pytest.mark.parametrize("n_kv_heads, tie", [(2, False), (1, True), (4, False)], ids=["gqa", "mqa-tied", "mha"])
+def test_f32_export_reads_back_and_matches_logits(tmp_path, tokenizer_file, n_kv_heads, tie):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
+    vocab = sp.get_piece_size() + 5  # a model vocabulary larger than the tokenizer's is padded
+    model = tiny_model(vocab, n_kv_heads, tie)
+    path = export_gguf(model, tokenizer_file, tmp_path / "m.gguf", "f32")
+    t, meta = read(path)
+    c = model.config
+    assert field(meta, "general.architecture") == "llama"
+    assert field(meta, "llama.block_count") == 2 and field(meta, "llama.embedding_length") == 64
+    assert field(meta, "llama.attention.head_count_kv") == n_kv_heads
+    assert field(meta, "llama.context_length") == 64 and field(meta, "llama.feed_forward_length") == 96
+    assert t["token_embd.weight"].shape == (vocab, 64)
+    assert t["blk.0.attn_q.weight"].shape == (64, 64)
+    assert t["blk.1.attn_k.weight"].shape == (n_kv_heads * c.head_dim, 64)
+    assert t["blk.0.ffn_down.weight"].shape == (64, 96) and t["blk.0.ffn_gate.weight"].shape == (96, 64)
+    assert ("output.weight" in t) == (not tie)
+    assert len(t) == 2 + 9 * 2 + (not tie)
+    tokens = field(meta, "tokenizer.ggml.tokens")
+    assert len(tokens) == vocab and tokens[100] == sp.id_to_piece(100) and tokens[-1] == f"[PAD{vocab - 1}]"
+    types = field(meta, "tokenizer.ggml.token_type")
+    assert types[sp.unk_id()] == 2 and types[sp.bos_id()] == 3 and types[sp.piece_to_id("<0xE6>")] == 6
+    assert field(meta, "tokenizer.ggml.eos_token_id") == sp.eos_id()
+    assert field(meta, "tokenizer.ggml.bos_token_id") == sp.bos_id()
+    ids = [sp.eos_id()] + sp.encode("When shall we three meet again 新华社")[:30]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0].double().numpy()
+    theirs = llama_cpp_style_logits(t, meta, ids)
+    assert np.abs(ours - theirs).max() < 1e-4
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+def test_quantized_export_is_close(tmp_path, tokenizer_file, qtype):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
+    model = tiny_model(sp.get_piece_size())
+    t, meta = read(export_gguf(model, tokenizer_file, tmp_path / "m.gguf", qtype))
+    kinds = {tt.name: tt.tensor_type for tt in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    want = gguf.GGMLQuantizationType.F16 if qtype == "f16" else gguf.GGMLQuantizationType.Q8_0
+    assert kinds["blk.0.attn_q.weight"] == want and kinds["output_norm.weight"] == gguf.GGMLQuantizationType.F32
+    ids = sp.encode("Thunder and lightning")
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0].double().numpy()
+    theirs = llama_cpp_style_logits(t, meta, ids)
+    cos = (ours * theirs).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(theirs, axis=-1)
+    assert cos.min() > 0.999
+
+
+def test_cli_export(tmp_path, tokenizer_file):
+    import sentencepiece as spm
+
+    model = tiny_model(spm.SentencePieceProcessor(model_file=str(tokenizer_file)).get_piece_size())
+    run = tmp_path / "run"
+    save_checkpoint(run, 5, {"model": model.state_dict(), "model_config": model.config.to_dict(), "step": 5,
+                             "tokenizer_sha256": file_sha256(tokenizer_file)})
+    (run / "tokenizer.model").write_bytes(tokenizer_file.read_bytes())
+    res = subprocess.run([sys.executable, "-m", "geb.gguf", "export", "--ckpt", str(run), "--out",
+                          str(tmp_path / "x.gguf"), "--type", "q8_0"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "x.gguf").is_file() and "wrote" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "geb.gguf", "export", "--ckpt", str(tmp_path / "none"), "--out",
+                          str(tmp_path / "y.gguf")], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode != 0 and res.stderr.startswith("error: --ckpt") and "Traceback" not in res.stderr
+
+
+def test_llama_cpp_greedy_matches(tmp_path, tokenizer_file):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import sentencepiece as spm
+
+    from geb.generate import Generator
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
+    model = tiny_model(sp.get_piece_size())
+    path = export_gguf(model, tokenizer_file, tmp_path / "m.gguf", "f32")
+    ids = [sp.eos_id()] + sp.encode("When shall we three meet again")
+    ours = list(Generator(model).generate(ids, 20, temperature=0.0))
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False, logits_all=False)
+    theirs = []
+    for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        theirs.append(tok)
+        if len(theirs) == 20:
+            break
+    assert theirs == ours
