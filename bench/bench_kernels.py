@@ -1,0 +1,336 @@
+"""pytest-benchmark: every kernel vs its references, forward and forward+backward.
+
+Providers: "triton" (our kernels), "torch" (eager PyTorch reference), "compile" (torch.compile of the reference),
+for attention also "sdpa_flash" and "sdpa_cudnn" (PyTorch SDPA backends), and "liger" (Liger-Kernel, when
+importable) for RMSNorm, SwiGLU and rotary. Each result is checked against the reference by the kernel tests'
+rule before it is timed. extra_info records TFLOP/s (attention) or effective GB/s (the others: the bytes an op
+must read and write at least), and the peak CUDA memory of one call above the inputs.
+
+On a GPU: GEB-1.3B shapes in bf16 (8k-32k tokens, d 2048, FFN 5632, 16 heads / 4 KV heads, head dim 128,
+T 1k-8k). On a CPU: the reference paths are timed at small sizes, and the Triton kernels are only checked under
+the interpreter at tiny sizes (one untimed-quality round: interpreter timings mean nothing).
+
+    pytest bench/ --benchmark-json=bench.json && python bench/report.py bench.json
+"""
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_check import assert_rule
+
+import kernels
+from kernels import reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# torch.compile on a CPU spends ~10-60 s compiling C++ per graph: opt in with GEB_BENCH_COMPILE=1.
+COMPILE_ON_CPU = os.environ.get("GEB_BENCH_COMPILE") == "1"
+
+try:
+    import liger_kernel  # noqa: F401
+
+    HAVE_LIGER = True
+except ImportError:
+    HAVE_LIGER = False
+
+MODES = ["fwd", "fwd_bwd"]
+# On a CPU, few rounds: the point there is that every path runs and is checked, not precise timings.
+pytestmark = pytest.mark.benchmark(min_rounds=5 if CUDA else 2, max_time=1.0 if CUDA else 0.2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shapes. GPU: GEB-1.3B. CPU: references at small but meaningful sizes; Triton (interpreter) at tiny sizes.
+# ---------------------------------------------------------------------------------------------------------------
+if CUDA:
+    ATTN_SHAPES = [  # (B, T, Hq, Hkv, D, causal)
+        (8, 1024, 16, 4, 128, True), (4, 2048, 16, 4, 128, True), (2, 4096, 16, 4, 128, True),
+        (1, 8192, 16, 4, 128, True), (4, 2048, 16, 4, 128, False), (8, 4096, 16, 4, 128, True),
+    ]
+    NORM_SHAPES = [(8192, 2048), (16384, 2048), (32768, 2048)]  # (tokens, d_model)
+    SWIGLU_SHAPES = [(8192, 5632), (16384, 5632), (32768, 5632)]  # (tokens, ffn)
+    ROTARY_SHAPES = [(4, 2048, 16, 4, 128), (8, 2048, 16, 4, 128), (4, 8192, 16, 4, 128)]  # (B, T, Hq, Hkv, D)
+    TRITON_ATTN, TRITON_NORM, TRITON_SWIGLU, TRITON_ROTARY = ATTN_SHAPES, NORM_SHAPES, SWIGLU_SHAPES, ROTARY_SHAPES
+else:
+    ATTN_SHAPES = [(1, 512, 16, 4, 128, True)]
+    NORM_SHAPES = [(1024, 2048)]
+    SWIGLU_SHAPES = [(1024, 5632)]
+    ROTARY_SHAPES = [(1, 512, 16, 4, 128)]
+    TRITON_ATTN = [(1, 64, 4, 2, 64, True)]
+    TRITON_NORM = [(64, 2048)]
+    TRITON_SWIGLU = [(64, 5632)]
+    TRITON_ROTARY = [(1, 64, 16, 4, 128)]
+
+
+def _providers(extra: list[str]) -> list[str]:
+    return ["triton", "torch", "compile", *extra]
+
+
+def _skip_unavailable(provider: str) -> None:
+    if provider == "triton" and not (CUDA or INTERPRET):
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    if provider == "compile" and not CUDA and not COMPILE_ON_CPU:
+        pytest.skip("torch.compile on CPU is slow to compile: set GEB_BENCH_COMPILE=1")
+    if provider.startswith("sdpa_") and not CUDA:
+        pytest.skip("SDPA flash/cuDNN backends need a GPU")
+    if provider == "liger" and not (HAVE_LIGER and CUDA):
+        pytest.skip("Liger-Kernel is not installed (or no GPU)")
+
+
+def _shapes(provider: str, gpu_or_reference: list, triton_cpu: list) -> list:
+    return triton_cpu if provider == "triton" and not CUDA else gpu_or_reference
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shared check-then-time runner.
+# ---------------------------------------------------------------------------------------------------------------
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _leaves(inputs: list[torch.Tensor], grad: list[bool], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    out = []
+    for t, g in zip(inputs, grad, strict=True):
+        t = t.detach() if dtype is None or not t.is_floating_point() else t.detach().to(dtype)
+        out.append(t.requires_grad_(g and t.is_floating_point()))
+    return out
+
+
+def _as_tuple(out) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _check(fn: Callable, ref_fn: Callable, inputs: list[torch.Tensor], grad: list[bool], mode: str,
+           names: list[str], factors: dict[str, float]) -> None:
+    """fn's outputs (and input gradients for fwd_bwd) vs the fp64 (CPU) / fp32 (GPU) reference, by the rule."""
+    truth_dtype = torch.float32 if CUDA else torch.float64
+    backward = mode == "fwd_bwd"
+    runs = {}
+    for kind, dtype, f in (("fn", None, fn), ("same", None, ref_fn), ("ref", truth_dtype, ref_fn)):
+        args = _leaves(inputs, [g and backward for g in grad], dtype)
+        outs = _as_tuple(f(*args))
+        grads = ()
+        if backward:
+            dys = [torch.ones_like(o) * 0.5 + 0.0 * o for o in outs]  # deterministic upstream gradient
+            grads = torch.autograd.grad(outs, [a for a, g in zip(args, grad, strict=True) if g], dys)
+        runs[kind] = ([o.detach() for o in outs], grads)
+    for i, out in enumerate(runs["fn"][0]):
+        assert_rule(f"out{i}", out, runs["ref"][0][i], runs["same"][0][i], factors.get("dout", 2.0))
+    if not backward:
+        return
+    grad_names = [n for n, g in zip(names, grad, strict=True) if g]
+    for name, g, g_ref, g_same in zip(grad_names, runs["fn"][1], runs["ref"][1], runs["same"][1], strict=True):
+        assert_rule(f"d{name}", g, g_ref, g_same, factors.get(f"d{name}", 2.0))
+
+
+def _bench(benchmark, *, op: str, provider: str, mode: str, shape: tuple, fn: Callable, ref_fn: Callable,
+           inputs: list[torch.Tensor], grad: list[bool], names: list[str], work: Callable[[float], dict],
+           factors: dict[str, float] | None = None) -> None:
+    """Check fn against ref_fn, then time it (fwd, or fwd + backward) and record throughput and peak memory."""
+    factors = factors or {}
+    if provider not in ("triton", "torch", "compile"):
+        # Third-party kernels (SDPA backends, Liger) are held to twice the slack: the rule is our kernels' bar.
+        factors = {name: 2 * factors.get(name, 2.0) for name in ["dout", *[f"d{n}" for n in names]]}
+    _check(fn, ref_fn, inputs, grad, mode, names, factors)
+    args = _leaves(inputs, [g and mode == "fwd_bwd" for g in grad])
+    wrt = [a for a, g in zip(args, grad, strict=True) if g]
+
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn(*args)
+            _sync()
+    else:
+        dys = None
+
+        def run():
+            nonlocal dys
+            outs = _as_tuple(fn(*args))
+            dys = dys or [torch.randn_like(o) for o in outs]
+            torch.autograd.grad(outs, wrt, dys)
+            _sync()
+
+    peak_mb = None
+    if CUDA:
+        run()  # warm-up (and autotune) before measuring memory
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    benchmark.group = f"{op} {mode} {shape}"
+    benchmark.extra_info.update({"op": op, "provider": provider, "mode": mode, "shape": str(shape),
+                                 "dtype": str(inputs[0].dtype).removeprefix("torch."), "device": DEVICE,
+                                 "peak_mem_mb": peak_mb})
+    if provider == "triton" and not CUDA:
+        # Interpreter: the check above is the point; one round keeps the row in the report.
+        benchmark.extra_info["note"] = "TRITON_INTERPRET: checked, time not meaningful"
+        benchmark.pedantic(run, rounds=1, iterations=1)
+        return
+    benchmark(run)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and stats.stats.median > 0:
+        benchmark.extra_info.update(work(stats.stats.median))
+
+
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention.
+# ---------------------------------------------------------------------------------------------------------------
+def _sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def attn(q, k, v, causal, scale):
+        q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        with sdpa_kernel(backend):
+            try:
+                out = F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=causal, scale=scale, enable_gqa=True)
+            except RuntimeError:  # backend without native GQA: repeat K/V (costs memory, counted in peak)
+                rep = q.shape[2] // k.shape[2]
+                out = F.scaled_dot_product_attention(q_t, k_t.repeat_interleave(rep, 1), v_t.repeat_interleave(rep, 1),
+                                                     is_causal=causal, scale=scale)
+        return out.transpose(1, 2)
+    return attn
+
+
+def _attention_fn(provider: str, causal: bool, scale: float) -> Callable:
+    if provider == "triton":
+        return lambda q, k, v: kernels.flash_attn_func(q, k, v, causal=causal, softmax_scale=scale, impl="triton")
+    if provider in ("torch", "compile"):
+        fn = lambda q, k, v: reference.attention_ref(q, k, v, causal, scale)  # noqa: E731
+        return _compiled(fn) if provider == "compile" else fn
+    from torch.nn.attention import SDPBackend
+
+    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[provider]
+    attn = _sdpa(backend)
+    return lambda q, k, v: attn(q, k, v, causal, scale)
+
+
+def _attention_cases():
+    for provider in _providers(["sdpa_flash", "sdpa_cudnn"]):
+        for shape in _shapes(provider, ATTN_SHAPES, TRITON_ATTN):
+            for mode in MODES:
+                yield pytest.param(provider, shape, mode, id=f"{provider}-{mode}-{'x'.join(map(str, shape))}")
+
+
+@pytest.mark.parametrize("provider, shape, mode", list(_attention_cases()))
+def test_attention(benchmark, provider, shape, mode):
+    _skip_unavailable(provider)
+    b, t, h_q, h_kv, d, causal = shape
+    q = torch.randn(b, t, h_q, d, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(b, t, h_kv, d, device=DEVICE, dtype=DTYPE)
+    v = torch.randn(b, t, h_kv, d, device=DEVICE, dtype=DTYPE)
+    scale = d ** -0.5
+    # FlashAttention's convention: 4*B*T^2*H*D matmul FLOPs forward, halved when causal; the backward does 2.5x
+    # the forward's, so forward+backward counts 3.5x.
+    flops = 4 * b * t * t * h_q * d / (2 if causal else 1) * (3.5 if mode == "fwd_bwd" else 1.0)
+    _bench(benchmark, op="attention", provider=provider, mode=mode, shape=shape,
+           fn=_attention_fn(provider, causal, scale), ref_fn=_attention_fn("torch", causal, scale),
+           inputs=[q, k, v], grad=[True, True, True], names=["q", "k", "v"], factors={"dq": 3.0},
+           work=lambda sec: {"tflops": flops / sec / 1e12})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RMSNorm, SwiGLU, rotary: memory-bound, reported in effective GB/s.
+# ---------------------------------------------------------------------------------------------------------------
+def _gbps(n_bytes: float) -> Callable[[float], dict]:
+    return lambda sec: {"gbps": n_bytes / sec / 1e9}
+
+
+def _rms_fn(provider: str) -> Callable:
+    eps = 1e-5
+    if provider == "triton":
+        return lambda x, w: kernels.rms_norm(x, w, eps, impl="triton")
+    if provider == "liger":
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+        return lambda x, w: LigerRMSNormFunction.apply(x, w, eps)
+    fn = lambda x, w: reference.rms_norm_ref(x, w, eps)  # noqa: E731
+    return _compiled(fn) if provider == "compile" else fn
+
+
+def _simple_cases(shapes: list, triton_shapes: list):
+    for provider in _providers(["liger"]):
+        for shape in _shapes(provider, shapes, triton_shapes):
+            for mode in MODES:
+                yield pytest.param(provider, shape, mode, id=f"{provider}-{mode}-{'x'.join(map(str, shape))}")
+
+
+@pytest.mark.parametrize("provider, shape, mode", list(_simple_cases(NORM_SHAPES, TRITON_NORM)))
+def test_rms_norm(benchmark, provider, shape, mode):
+    _skip_unavailable(provider)
+    n, d = shape
+    x = torch.randn(n, d, device=DEVICE, dtype=DTYPE)
+    w = 1 + 0.1 * torch.randn(d, device=DEVICE, dtype=DTYPE)
+    size = x.element_size()
+    # fwd: read x, write y; bwd: read dy, x, write dx (w, rstd and dW partials are negligible).
+    n_bytes = n * d * size * (2 if mode == "fwd" else 5)
+    _bench(benchmark, op="rms_norm", provider=provider, mode=mode, shape=shape, fn=_rms_fn(provider),
+           ref_fn=_rms_fn("torch"), inputs=[x, w], grad=[True, True], names=["x", "w"], work=_gbps(n_bytes))
+
+
+def _swiglu_fn(provider: str) -> Callable:
+    if provider == "triton":
+        return lambda g, u: kernels.swiglu(g, u, impl="triton")
+    if provider == "liger":
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+        return lambda g, u: LigerSiLUMulFunction.apply(g, u)
+    return _compiled(reference.swiglu_ref) if provider == "compile" else reference.swiglu_ref
+
+
+@pytest.mark.parametrize("provider, shape, mode", list(_simple_cases(SWIGLU_SHAPES, TRITON_SWIGLU)))
+def test_swiglu(benchmark, provider, shape, mode):
+    _skip_unavailable(provider)
+    gate = torch.randn(shape, device=DEVICE, dtype=DTYPE)
+    up = torch.randn(shape, device=DEVICE, dtype=DTYPE)
+    # fwd: read gate, up, write y; bwd: read dy, gate, up, write d_gate, d_up.
+    n_bytes = gate.numel() * gate.element_size() * (3 if mode == "fwd" else 8)
+    _bench(benchmark, op="swiglu", provider=provider, mode=mode, shape=shape, fn=_swiglu_fn(provider),
+           ref_fn=_swiglu_fn("torch"), inputs=[gate, up], grad=[True, True], names=["gate", "up"],
+           work=_gbps(n_bytes))
+
+
+def _rotary_fn(provider: str) -> Callable:
+    """Rotates q and k, as the model does for every layer."""
+    if provider == "triton":
+        return lambda q, k, cos, sin: (kernels.apply_rotary(q, cos, sin, impl="triton"),
+                                       kernels.apply_rotary(k, cos, sin, impl="triton"))
+    if provider == "liger":
+        from liger_kernel.ops.rope import LigerRopeFunction
+
+        def liger(q, k, cos, sin):
+            # Liger takes (B, H, T, D) and full-width (1, T, D) tables, and rotates in place: give it copies.
+            cos_full, sin_full = torch.cat([cos, cos], -1)[None], torch.cat([sin, sin], -1)[None]
+            q_out, k_out = LigerRopeFunction.apply(q.transpose(1, 2).clone(), k.transpose(1, 2).clone(),
+                                                   cos_full, sin_full)
+            return q_out.transpose(1, 2), k_out.transpose(1, 2)
+        return liger
+
+    def ref(q, k, cos, sin):
+        return reference.rotary_ref(q, cos, sin), reference.rotary_ref(k, cos, sin)
+    return _compiled(ref) if provider == "compile" else ref
+
+
+@pytest.mark.parametrize("provider, shape, mode", list(_simple_cases(ROTARY_SHAPES, TRITON_ROTARY)))
+def test_rotary(benchmark, provider, shape, mode):
+    _skip_unavailable(provider)
+    b, t, h_q, h_kv, d = shape
+    q = torch.randn(b, t, h_q, d, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(b, t, h_kv, d, device=DEVICE, dtype=DTYPE)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, d, 2, device=DEVICE, dtype=torch.float32) / d)
+    angles = torch.arange(t, device=DEVICE, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    # fwd: read x, write out; bwd: read dout, write dx (cos/sin tables are small and cached).
+    n_bytes = (q.numel() + k.numel()) * q.element_size() * 2 * (1 if mode == "fwd" else 2)
+    _bench(benchmark, op="rotary", provider=provider, mode=mode, shape=shape, fn=_rotary_fn(provider),
+           ref_fn=_rotary_fn("torch"), inputs=[q, k, cos, sin], grad=[True, True, False, False],
+           names=["q", "k", "cos", "sin"], work=_gbps(n_bytes))
