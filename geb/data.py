@@ -540,7 +540,9 @@ class TokenLoader:
     def _permutation(self) -> np.ndarray:
         if self._perm_epoch != self.epoch:
             rng = np.random.default_rng([self.seed, self.epoch])
-            self._perm = rng.permutation(self.n_windows)
+            # int32 halves the one per-epoch array that grows with the data (4 bytes per window).
+            self._perm = np.arange(self.n_windows, dtype=np.int32 if self.n_windows < 1 << 31 else np.int64)
+            rng.shuffle(self._perm)
             self._perm_epoch = self.epoch
         return self._perm
 

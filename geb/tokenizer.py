@@ -169,7 +169,7 @@ def train_tokenizer(
     vocab_size: int,
     *,
     character_coverage: float = 0.9995,
-    max_sentences: int = 2_000_000,
+    max_sentences: int = 1_000_000,
     num_threads: int | None = None,
 ) -> Path:
     """Train a byte-fallback BPE model on texts (str) or text files (Path); write out_prefix.model and return it.
