@@ -132,6 +132,11 @@ def _bench(benchmark, *, op: str, provider: str, mode: str, shape: tuple, fn: Ca
            inputs: list[torch.Tensor], grad: list[bool], names: list[str], work: Callable[[float], dict],
            factors: dict[str, float] | None = None) -> None:
     """Check fn against ref_fn, then time it (fwd, or fwd + backward) and record throughput and peak memory."""
+    if provider.startswith("sdpa_") or provider == "liger":
+        try:  # a third-party backend that cannot run this shape or dtype is skipped, not failed
+            fn(*_leaves(inputs, [False] * len(inputs)))
+        except (RuntimeError, TypeError, ValueError) as e:
+            pytest.skip(f"{provider} cannot run {shape}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     factors = factors or {}
     if provider not in ("triton", "torch", "compile"):
         # Third-party kernels (SDPA backends, Liger) are held to twice the slack: the rule is our kernels' bar.

@@ -30,6 +30,7 @@ CASES = [
     (2, 17, 257, 2, 2, 128, False, torch.float32),
     (1, 33, 33, 2, 1, 80, True, torch.float32),  # head dim that is not a power of two
     (1, 17, 17, 2, 2, 16, True, torch.float32),
+    (1, 17, 17, 16, 1, 32, True, torch.float16),  # MQA with 16 query heads
 ]
 
 
