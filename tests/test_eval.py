@@ -268,6 +268,8 @@ def test_scorer_picks_gold_when_model_prefers_it(tok):
     mmlu = ev.evaluate_task(gold_oracle(tok, ev.load_task("mmlu", FIXTURES).items), tok,
                             ev.load_task("mmlu", FIXTURES), progress=False)
     assert set(mmlu["subjects"]) == {"astronomy", "virology"} and mmlu["chance"] == 0.25
+    mmlu2 = ev.evaluate_task(Uniform(tok.vocab_size), tok, ev.load_task("mmlu", FIXTURES), limit=3, progress=False)
+    assert mmlu2["n"] == 4 and {m["n"] for m in mmlu2["subjects"].values()} == {2}  # ceil(3 / 2) per subject
     # And picks a wrong option when the model prefers that one instead.
     data = ev.load_task("arc_easy", FIXTURES)
     wrong = [(it.gold + 1) % len(it.continuations) for it in data.items]
