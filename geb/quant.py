@@ -1,10 +1,14 @@
 """Int8 quantization of every nn.Linear (LM head included) for CPU inference.
 
-Methods, in the order "auto" tries them (measured on our CPU, see BENCHMARKS.md "CPU decode"):
-- "dynamic": torch.ao.quantization.quantize_dynamic (FBGEMM, int8 weights per output channel, activations quantized
-  per call). Deprecated in torch 2.x but still present and the fastest eager path measured here.
-- "woq": our own weight-only int8 (per-output-channel scales, fp32 activations) through
-  torch._weight_int8pack_mm, with a plain-PyTorch fallback; it is also what torch.compile can trace.
+Methods (measured on our CPU; see BENCHMARKS.md "CPU decode"):
+- "fbgemm" (default): dynamic int8 on PyTorch's quantized CPU kernels (FBGEMM, the kernels behind
+  torch.ao.quantization.quantize_dynamic): int8 weights with one scale per output channel, activations quantized
+  per call. Called through a custom op, so torch.compile traces the model in one graph (quantize_dynamic's own
+  modules hold a TorchScript object that dynamo cannot trace: fullgraph compilation fails on them).
+- "ao": torch.ao.quantization.quantize_dynamic itself (deprecated in torch 2.x; per-tensor weight scales; eager only).
+- "woq": weight-only int8 (fp32 activations) through torch._weight_int8pack_mm; the fallback when a torch build
+  has no quantized CPU engine. Slow on our CPU, but available everywhere.
+torchao (0.18) was measured too and was slower than all but "woq" here; it is not a dependency.
 The embedding stays fp32: a lookup reads one row per token, quantizing it saves memory, not time.
 """
 
@@ -13,11 +17,47 @@ import warnings
 import torch
 import torch.nn as nn
 
-METHODS = ("auto", "dynamic", "woq")
+METHODS = ("auto", "fbgemm", "ao", "woq")
+
+# Packed FBGEMM weights, by handle: custom ops take tensors and scalars, not TorchScript objects.
+_PACKED: list = []
+
+
+@torch.library.custom_op("geb::linear_int8_dynamic", mutates_args=())
+def _linear_int8_dynamic(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    # reduce_range=True: 7-bit activations, so AVX2 without VNNI (vpmaddubsw pairs) cannot saturate int16.
+    return torch.ops.quantized.linear_dynamic(x.contiguous(), _PACKED[handle], True)
+
+
+@_linear_int8_dynamic.register_fake
+def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+class DynamicInt8Linear(nn.Module):
+    """FBGEMM dynamic int8 linear: per-output-channel symmetric int8 weights, activations quantized per call."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # qint8 tensors are deprecated as a user-facing type
+            qw = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+            bias = None if linear.bias is None else linear.bias.detach().float()
+            _PACKED.append(torch.ops.quantized.linear_prepack(qw, bias))
+        self.handle = len(_PACKED) - 1
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear_int8_dynamic(x, self.handle, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel (FBGEMM)"
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (W_int8 * scale).T with one fp32 scale per output channel (symmetric, weight-only)."""
+    """Weight-only int8: y = x @ (W_int8 * scale).T, one fp32 scale per output channel, fp32 activations."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -30,14 +70,14 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if hasattr(torch, "_weight_int8pack_mm") and x2.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scale.to(x2.dtype))
+        x2 = x.reshape(-1, shape[-1]).float().contiguous()
+        if hasattr(torch, "_weight_int8pack_mm"):
+            y = torch._weight_int8pack_mm(x2, self.weight, self.scale)
         else:  # reference: dequantize on the fly
-            y = (x2 @ self.weight.to(x2.dtype).t()) * self.scale.to(x2.dtype)
+            y = (x2 @ self.weight.float().t()) * self.scale
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
 def _replace_linears(module: nn.Module, make) -> int:
@@ -45,19 +85,15 @@ def _replace_linears(module: nn.Module, make) -> int:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
             setattr(module, name, make(child))
+            del child  # let the fp32 weight go before the next layer is packed (no second copy of the model)
             n += 1
         else:
             n += _replace_linears(child, make)
     return n
 
 
-def quantize_woq(model: nn.Module) -> int:
-    """Replace every nn.Linear by Int8Linear in place; the number replaced."""
-    return _replace_linears(model, Int8Linear)
-
-
-def quantize_dynamic(model: nn.Module) -> int:
-    """torch.ao dynamic int8 on every nn.Linear, in place (no second copy of the model); the number replaced."""
+def quantize_ao(model: nn.Module) -> int:
+    """torch.ao.quantization.quantize_dynamic on every nn.Linear, in place; the number replaced."""
     n = sum(isinstance(m, nn.Linear) for m in model.modules())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization and qint8 tensors warn about deprecation
@@ -66,18 +102,20 @@ def quantize_dynamic(model: nn.Module) -> int:
 
 
 def quantize_int8(model: nn.Module, method: str = "auto") -> str:
-    """Quantize every linear layer of model in place; the method used ("dynamic" or "woq")."""
+    """Quantize every linear layer of model in place; the method used ("fbgemm", "ao" or "woq")."""
     if method not in METHODS:
         raise ValueError(f"quantization method must be one of {METHODS}, got {method!r}")
-    if method in ("auto", "dynamic"):
+    if method == "ao":
+        quantize_ao(model)
+        return "ao"
+    if method in ("auto", "fbgemm"):
         try:
-            quantize_dynamic(model)
-            return "dynamic"
-        except (AttributeError, ImportError, RuntimeError) as e:
-            # torch.ao.quantization is deprecated and may be gone, or FBGEMM missing from this build.
-            if method == "dynamic":
+            _replace_linears(model, DynamicInt8Linear)
+            return "fbgemm"
+        except (AttributeError, RuntimeError) as e:
+            # A torch build without the quantized CPU engine (or a future one without these ops).
+            if method == "fbgemm":
                 raise
-            warnings.warn(f"quantize_dynamic unavailable ({type(e).__name__}: {e}); using weight-only int8",
-                          stacklevel=2)
-    quantize_woq(model)
+            warnings.warn(f"FBGEMM int8 unavailable ({type(e).__name__}: {e}); using weight-only int8", stacklevel=2)
+    _replace_linears(model, Int8Linear)
     return "woq"

@@ -147,7 +147,7 @@ def test_sampling_reproducible_and_filters():
     assert {sample(logits, 1.0, top_p=0.7, generator=g) for _ in range(200)} == {2, 3}
 
 
-@pytest.mark.parametrize("method", ["dynamic", "woq"])
+@pytest.mark.parametrize("method", ["fbgemm", "ao", "woq"])
 def test_int8_logits_close_to_fp32(trained, method):
     model, tok = trained
     idx = torch.tensor([tok.encode("Thunder and lightning. Enter three Witches. 新华社北京电")[:48]])
