@@ -506,8 +506,13 @@ def evaluate_task(model, tokenizer, data: TaskData, limit: int | None = None, ba
         res = {"n": len(items)}
         for key in ("acc", "acc_norm_token", "acc_norm_byte", "chance"):
             res[key] = float(np.mean([m[key] for m in subjects.values()]))  # macro average over subjects
-        for key in ("stderr", "stderr_norm_token", "stderr_norm_byte"):
-            res[key] = float(math.sqrt(sum(m[key] ** 2 for m in subjects.values() if m["n"] > 1)) / len(subjects))
+        # Standard error of the macro average: var = sum over subjects of p(1-p)/n_s / k^2, with p the pooled
+        # accuracy (a subject's own estimate is useless when --limit leaves it one or two items).
+        k = len(subjects)
+        for key, se in (("acc", "stderr"), ("acc_norm_token", "stderr_norm_token"),
+                        ("acc_norm_byte", "stderr_norm_byte")):
+            p = sum(m[key] * m["n"] for m in subjects.values()) / len(items)
+            res[se] = float(math.sqrt(sum(p * (1 - p) / m["n"] for m in subjects.values())) / k)
         res["subjects"] = subjects
     else:
         res = mc_metrics(items, lp, nt)
