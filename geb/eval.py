@@ -555,20 +555,12 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batc
 
 
 @torch.inference_mode()
-def _nll_windows(model, windows: Iterable[tuple[torch.Tensor, torch.Tensor]], device, max_tokens: int | None,
+def _nll_windows(model, windows: Iterable[tuple[torch.Tensor, torch.Tensor]], device,
                  progress: Progress | None) -> tuple[float, int]:
     """Σ NLL (nats) and the number of scored targets (>= 0) over (inputs, targets) batches."""
     total, count = 0.0, 0
     for inputs, targets in windows:
         inputs, targets = inputs.to(device), targets.to(device).long()
-        if max_tokens is not None:
-            # Keep only the first (max_tokens - count) scored targets, in reading order.
-            left = max_tokens - count
-            if left <= 0:
-                break
-            valid = targets >= 0
-            over = valid.reshape(-1).cumsum(0).reshape(valid.shape) > left
-            targets = targets.masked_fill(over, -1)
         logits, _ = model(inputs)
         mask = targets >= 0
         nll = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
@@ -616,7 +608,7 @@ def bits_per_byte_text(model, tokenizer, text: str, seq_len: int | None = None, 
     model.eval()
     try:
         bar = Progress(len(stream) - 1, "text bpb", progress)
-        nll, tokens = _nll_windows(model, windows(), device, None, bar)
+        nll, tokens = _nll_windows(model, windows(), device, bar)
         bar.close()
     finally:
         model.train(was_training)
@@ -624,14 +616,16 @@ def bits_per_byte_text(model, tokenizer, text: str, seq_len: int | None = None, 
 
 
 def bits_per_byte(model, data_dir: str | os.PathLike, split: str = "val", seq_len: int | None = None,
-                  batch_size: int = 8, max_tokens: int | None = None, device="cpu", progress: bool = False) -> dict:
+                  batch_size: int = 8, max_tokens: int | None = None, device="cpu", progress: bool = False,
+                  rank: int = 0, world_size: int = 1) -> dict:
     """bpb of a prepared corpus split: Σ NLL / (ln 2 × UTF-8 bytes), the bytes read from the manifest.
 
     Every token of the split (documents and their EOS) is scored once, in windows of seq_len, in order. With
     max_tokens only the first max_tokens are scored and the bytes are prorated (bytes × scored / total tokens),
-    which assumes the scored prefix has the split's average bytes per token.
+    which assumes the scored prefix has the split's average bytes per token. With world_size > 1 (call it on every
+    rank of an initialized process group) each rank scores every world_size-th batch and the sums are all-reduced.
     """
-    from geb.data import iter_eval_windows, read_manifest, split_bytes
+    from geb.data import read_manifest, split_bytes
 
     m = read_manifest(data_dir, model_vocab_size=model.config.vocab_size)
     if split not in m["splits"]:
@@ -641,19 +635,45 @@ def bits_per_byte(model, data_dir: str | os.PathLike, split: str = "val", seq_le
         raise EvalError(f"seq_len must be in [1, {model.config.max_seq_len}], got {seq_len}")
     if max_tokens is not None and max_tokens < 1:
         raise EvalError(f"max_tokens must be >= 1, got {max_tokens}")
+    if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise EvalError(f"world_size {world_size} needs an initialized torch.distributed process group")
     total = m["splits"][split]["tokens"]
     was_training = model.training
     model.eval()
     try:
-        bar = Progress(min(total, max_tokens or total), f"{split} bpb", progress)
-        nll, tokens = _nll_windows(model, iter_eval_windows(data_dir, split, seq_len, batch_size), device,
-                                   max_tokens, bar)
+        bar = Progress(-(-min(total, max_tokens or total) // world_size), f"{split} bpb", progress)
+        nll, tokens = _split_nll(model, data_dir, split, seq_len, batch_size, max_tokens, device, rank, world_size,
+                                 bar)
         bar.close()
     finally:
         model.train(was_training)
+    if world_size > 1:
+        sums = torch.tensor([nll, float(tokens)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        nll, tokens = sums[0].item(), int(round(sums[1].item()))
     res = _bpb_result(nll, tokens, split_bytes(m, split, tokens))
     res["split_tokens"] = total
     return res
+
+
+def _split_nll(model, data_dir, split: str, seq_len: int, batch_size: int, max_tokens: int | None, device,
+               rank: int, world_size: int, progress: Progress | None) -> tuple[float, int]:
+    """This rank's Σ NLL and scored-token count over the split's first max_tokens tokens (all when None)."""
+    from geb.data import iter_eval_windows
+
+    def windows():
+        for k, (inputs, targets) in enumerate(iter_eval_windows(data_dir, split, seq_len, batch_size, rank,
+                                                                world_size)):
+            if max_tokens is not None:
+                # Windows are consecutive: target (row r, column t) of batch b is token (b*B + r)*T + t of the split.
+                first = (rank + k * world_size) * batch_size * seq_len
+                if first >= max_tokens:
+                    break
+                pos = first + torch.arange(targets.numel()).view(targets.shape)
+                targets = targets.masked_fill(pos >= max_tokens, -1)
+            yield inputs, targets
+
+    return _nll_windows(model, windows(), device, progress)
 
 
 # --- command line ------------------------------------------------------------------------------------------------

@@ -151,6 +151,23 @@ def test_bpb_split_uniform_and_prorated(tok, data_dir):
     assert part["bpb"] == pytest.approx(res["bpb"], rel=1e-6)  # uniform: the same per-token cost everywhere
     with pytest.raises(ValueError, match="split"):
         ev.bits_per_byte(model, data_dir, "nope")
+    with pytest.raises(ev.EvalError, match="process group"):
+        ev.bits_per_byte(model, data_dir, "val", world_size=2, rank=1)
+
+
+@pytest.mark.parametrize("max_tokens", [None, 1, 50, 97, 10**9])
+def test_bpb_ranks_add_up_to_one_pass(tok, data_dir, max_tokens):
+    model = tiny_model(tok.vocab_size, max_seq_len=32)
+    one = ev._split_nll(model, data_dir, "val", 16, 3, max_tokens, "cpu", 0, 1, None)
+    parts = [ev._split_nll(model, data_dir, "val", 16, 3, max_tokens, "cpu", r, 3, None) for r in range(3)]
+    assert sum(p[1] for p in parts) == one[1] == min(max_tokens or 10**9, read_split_tokens(data_dir))
+    assert sum(p[0] for p in parts) == pytest.approx(one[0], rel=1e-6)
+
+
+def read_split_tokens(data_dir) -> int:
+    from geb.data import read_manifest
+
+    return read_manifest(data_dir)["splits"]["val"]["tokens"]
 
 
 # --- loaders ---------------------------------------------------------------------------------------------------
