@@ -51,14 +51,16 @@ def random_model(preset_name: str, seed: int = 0):
 
 
 def prepare(model, quant: str, compile: bool, cache_len: int, compile_mode: str | None):
-    """Quantize, then build the Generator (its decode step compiled lazily on first use)."""
+    """Quantize, then build the Generator (its decode step compiled lazily on first use); also the seconds spent
+    quantizing."""
     from geb.generate import Generator
     from geb.quant import quantize_int8
 
-    method = None
+    method, t0 = None, time.perf_counter()
     if quant == "int8":
         method = quantize_int8(model)
-    return Generator(model, max_seq_len=cache_len, compile=compile, compile_mode=compile_mode), method
+    quant_s = time.perf_counter() - t0
+    return Generator(model, max_seq_len=cache_len, compile=compile, compile_mode=compile_mode), method, quant_s
 
 
 def bench(args) -> None:
@@ -71,8 +73,8 @@ def bench(args) -> None:
     prompt = torch.randint(0, model.config.vocab_size, (args.bench_prompt_tokens,),
                            generator=torch.Generator().manual_seed(1)).tolist()
     cache_len = min(model.config.max_seq_len, len(prompt) + new_tokens)
-    gen, method = prepare(model, args.quant, args.compile, cache_len, args.compile_mode)
     load_s = time.perf_counter() - t0
+    gen, method, quant_s = prepare(model, args.quant, args.compile, cache_len, args.compile_mode)
     stats = GenerationStats()
     compile_s = gen.warmup()  # eager warmup too, so first-call allocations do not count as decode time
     for _ in gen.generate(prompt, new_tokens, temperature=0.0, stats=stats):
@@ -83,7 +85,8 @@ def bench(args) -> None:
         "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
         "prefill_tokens_per_s": round(stats.prefill_tokens_per_s, 2),
         "decode_tokens_per_s": round(stats.decode_tokens_per_s, 3), "peak_rss_mb": round(peak_rss_mb()),
-        "load_s": round(load_s, 2), "compile_s": round(compile_s if args.compile else 0.0, 2),
+        "load_s": round(load_s, 2), "quant_s": round(quant_s, 2),
+        "compile_s": round(compile_s if args.compile else 0.0, 2),
         "torch": torch.__version__,
     }), flush=True)
 
@@ -129,8 +132,8 @@ def generate(args) -> None:
     if not prompt:
         sys.exit("error: --prompt is empty and the tokenizer has neither EOS nor BOS to start from")
     cache_len = min(model.config.max_seq_len, len(prompt) + args.max_new_tokens)
-    gen, _ = prepare(model, args.quant, args.compile, cache_len, args.compile_mode)
-    load_s = time.perf_counter() - t0
+    gen, _, _ = prepare(model, args.quant, args.compile, cache_len, args.compile_mode)
+    load_s = time.perf_counter() - t0  # checkpoint, tokenizer and quantization
     compile_s = gen.warmup() if args.compile else 0.0
     temperature = 0.0 if args.greedy else args.temperature
     stats = GenerationStats()

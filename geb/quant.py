@@ -12,15 +12,19 @@ torchao (0.18) was measured too and was slower than all but "woq" here; it is no
 The embedding stays fp32: a lookup reads one row per token, quantizing it saves memory, not time.
 """
 
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn as nn
 
 METHODS = ("auto", "fbgemm", "ao", "woq")
 
-# Packed FBGEMM weights, by handle: custom ops take tensors and scalars, not TorchScript objects.
+# Packed FBGEMM weights, by handle: custom ops take tensors and scalars, not TorchScript objects. Entries live as
+# long as the process (one model per inference process; copies of a module share its handle).
 _PACKED: list = []
+_LOCK = threading.Lock()
 
 
 @torch.library.custom_op("geb::linear_int8_dynamic", mutates_args=())
@@ -41,12 +45,12 @@ class DynamicInt8Linear(nn.Module):
         super().__init__()
         w = linear.weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # qint8 tensors are deprecated as a user-facing type
-            qw = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
-            bias = None if linear.bias is None else linear.bias.detach().float()
-            _PACKED.append(torch.ops.quantized.linear_prepack(qw, bias))
-        self.handle = len(_PACKED) - 1
+        qw = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        packed = torch.ops.quantized.linear_prepack(qw, bias)
+        with _LOCK:  # layers are packed from several threads
+            _PACKED.append(packed)
+            self.handle = len(_PACKED) - 1
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,15 +85,21 @@ class Int8Linear(nn.Module):
 
 
 def _replace_linears(module: nn.Module, make) -> int:
-    n = 0
-    for name, child in module.named_children():
-        if isinstance(child, nn.Linear):
-            setattr(module, name, make(child))
-            del child  # let the fp32 weight go before the next layer is packed (no second copy of the model)
-            n += 1
-        else:
-            n += _replace_linears(child, make)
-    return n
+    """Replace every nn.Linear under module by make(linear); the number replaced."""
+    sites = [(parent, name) for parent in module.modules() for name, child in parent.named_children()
+             if isinstance(child, nn.Linear)]
+
+    def convert(site):
+        parent, name = site
+        # Replacing one layer at a time frees each fp32 weight as its int8 copy appears (no second model copy).
+        setattr(parent, name, make(getattr(parent, name)))
+
+    # Weight packing is single-threaded inside PyTorch (~1 s per 2048x5632 matrix here) and releases the GIL:
+    # spread the layers over the intra-op threads.
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        warnings.simplefilter("ignore")  # qint8 tensors are deprecated as a user-facing type
+        list(pool.map(convert, sites))
+    return len(sites)
 
 
 def quantize_ao(model: nn.Module) -> int:
