@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    adam_kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    adam_kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)  # fused AdamW runs on CPU and CUDA
     if cfg.zero and world_size > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
         optimizer = ZeroRedundancyOptimizer(decay, optimizer_class=torch.optim.AdamW,
