@@ -67,6 +67,7 @@ def bench(args) -> None:
     """Random-init model from --preset: time load, compile, prefill and decode; one JSON line on stdout."""
     from geb.generate import GenerationStats
 
+    loadavg = os.getloadavg()[0]  # other processes on the box distort the figures: report how busy it was
     t0 = time.perf_counter()
     model = random_model(args.preset, args.seed or 0)
     new_tokens = args.max_new_tokens or 64
@@ -87,7 +88,7 @@ def bench(args) -> None:
         "decode_tokens_per_s": round(stats.decode_tokens_per_s, 3), "peak_rss_mb": round(peak_rss_mb()),
         "load_s": round(load_s, 2), "quant_s": round(quant_s, 2),
         "compile_s": round(compile_s if args.compile else 0.0, 2),
-        "torch": torch.__version__,
+        "torch": torch.__version__, "loadavg_1m_before": round(loadavg, 2),
     }), flush=True)
 
 
