@@ -30,23 +30,23 @@ class TrainConfig:
     preset: str = "tiny"
     data: str = DEFAULT_DATA  # prepared shard dir; the default corpus is prepared here when missing
     out: str = "out/tiny"
-    max_steps: int = 2000  # length of the lr schedule
+    max_steps: int = 240  # length of the lr schedule
     run_steps: int = 0  # stop after this many steps in this invocation (0 = run to max_steps), schedule unchanged
-    batch_size: int = 16  # sequences per micro-batch per rank
+    batch_size: int = 8  # sequences per micro-batch per rank
     seq_len: int = 0  # 0 = the model's max_seq_len
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
+    warmup_steps: int = 30
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     seed: int = 1337
-    save_every: int = 500
+    save_every: int = 100
     keep_checkpoints: int = 3
-    eval_every: int = 500
-    eval_tokens: int = 262144  # val tokens scored at each periodic evaluation (0 = the whole split)
+    eval_every: int = 100
+    eval_tokens: int = 65536  # val tokens scored at each periodic evaluation (0 = the whole split)
     log_every: int = 10
     resume: bool = True  # continue from the newest checkpoint in --out when there is one
     compile: bool = False
@@ -331,11 +331,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def evaluate(at_step: int) -> None:
         from geb.eval import bits_per_byte
-        raw_model.eval()
         with autocast:
             result = bits_per_byte(raw_model, cfg.data, split="val", seq_len=seq_len, batch_size=cfg.batch_size,
-                                   max_tokens=cfg.eval_tokens or None, device=device)
-        raw_model.train()
+                                   max_tokens=cfg.eval_tokens or None, device=device, rank=rank,
+                                   world_size=world_size)
         log({"step": at_step, "val_loss": result["loss"], "val_bpb": result["bpb"]})
         if master:
             print(f"step {at_step}: val loss {result['loss']:.4f}, val bpb {result['bpb']:.4f}", flush=True)

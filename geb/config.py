@@ -63,8 +63,8 @@ PRESETS: dict[str, ModelConfig] = {
     "stlm-50m": ModelConfig(vocab_size=50304, d_model=512, n_layers=10, n_heads=16, n_kv_heads=16, ffn_dim=1536,
                             max_seq_len=512, tie_embeddings=True, dropout=0.1),
     # Small enough to train on 2 CPU cores in minutes; the default of train.py.
-    "tiny": ModelConfig(vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=2, ffn_dim=704,
-                        max_seq_len=256),
+    "tiny": ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=704,
+                        max_seq_len=256, tie_embeddings=True),
 }
 
 
