@@ -344,6 +344,9 @@ def main(argv: list[str] | None = None) -> None:
         model_config.d_model
     peak_flops = gpu_peak_flops(device)
     last_stop = cfg.max_steps if not cfg.run_steps else min(cfg.max_steps, step + cfg.run_steps)
+    if master and step >= last_stop:
+        print(f"{out} is already at step {step} of --max-steps {cfg.max_steps}: nothing to train; raise --max-steps "
+              "to continue or pass a new --out", flush=True)
     model.train()
     t_last, tokens_since = time.perf_counter(), 0
     while step < last_stop:
