@@ -60,3 +60,20 @@ def test_post_norm_refuses_export(tmp_path):
 def test_load_hf_errors_name_the_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf(tmp_path)
+
+
+def test_cli_exports_a_training_checkpoint(tmp_path):
+    from geb.checkpoint import save_checkpoint
+    from geb.hf import main
+
+    torch.manual_seed(8)
+    config = ModelConfig(vocab_size=61, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+    model = GEB(config, impl="torch").eval()
+    save_checkpoint(tmp_path / "run", 5, {"model": model.state_dict(), "model_config": config.to_dict(), "step": 5})
+    main(["export", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    idx = torch.randint(0, 61, (1, 9))
+    with torch.no_grad():
+        assert (model(idx)[0] - hf_model(idx).logits).abs().max().item() < 1e-4
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        main(["export", "--ckpt", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])

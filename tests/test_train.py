@@ -61,6 +61,15 @@ def test_ddp_two_ranks_on_gloo(data_dir, tmp_path):
     assert any("val_bpb" in r and r["val_bpb"] > 0 for r in records)
 
 
+def test_zero_sharded_optimizer_saves_and_resumes(data_dir, tmp_path):
+    out = tmp_path / "zero"
+    common = ["--max-steps", "4", "--save-every", "2", "--eval-every", "100", "--zero"]
+    train(data_dir, out, *common, "--run-steps", "2", nproc=2)
+    proc = train(data_dir, out, *common, nproc=2)
+    assert "resuming from" in proc.stdout and "weights identical across 2 ranks: True" in proc.stdout
+    assert [s for s, _ in train_losses(out)] == [1, 2, 3, 4]
+
+
 def test_exact_resume_is_bit_identical(data_dir, tmp_path):
     common = ["--max-steps", "8", "--save-every", "100", "--eval-every", "100", "--dropout", "0.1"]
     train(data_dir, tmp_path / "full", *common)
