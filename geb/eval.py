@@ -687,8 +687,10 @@ def _fmt(x, pct: bool = True) -> str:
 
 def markdown_table(results: dict) -> str:
     """The results as markdown: one row per task (accuracies in %), then bits-per-byte rows."""
-    lines = ["| task | n | acc | acc_norm_token | acc_norm_byte | ± (acc) | chance | note |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = []
+    if results.get("tasks"):
+        lines += ["| task | n | acc | acc_norm_token | acc_norm_byte | ± (acc) | chance | note |",
+                  "|---|---|---|---|---|---|---|---|"]
     for name, r in results.get("tasks", {}).items():
         note = ""
         if "ppl" in r:
@@ -699,8 +701,8 @@ def markdown_table(results: dict) -> str:
                      f"{_fmt(r.get('acc_norm_byte'))} | {_fmt(r.get('stderr'))} | {_fmt(r.get('chance'))} | {note} |")
     bpb_rows = [(k, v) for k, v in results.items() if k.startswith("bpb")]
     if bpb_rows:
-        lines += ["", "| text | tokens | bytes | loss (nats/token) | ppl | bits per byte |",
-                  "|---|---|---|---|---|---|"]
+        lines += [""] if lines else []
+        lines += ["| text | tokens | bytes | loss (nats/token) | ppl | bits per byte |", "|---|---|---|---|---|---|"]
         for k, v in bpb_rows:
             lines.append(f"| {v.get('source', k)} | {v['tokens']} | {v['bytes']:.0f} | {v['loss']:.4f} | "
                          f"{v['ppl']:.2f} | {v['bpb']:.4f} |")
