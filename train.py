@@ -45,8 +45,8 @@ class TrainConfig:
     seed: int = 1337
     save_every: int = 100
     keep_checkpoints: int = 3
-    eval_every: int = 100
-    eval_tokens: int = 65536  # val tokens scored at each periodic evaluation (0 = the whole split)
+    eval_every: int = 120
+    eval_tokens: int = 0  # val tokens scored at each periodic evaluation (0 = the whole split)
     log_every: int = 10
     resume: bool = True  # continue from the newest checkpoint in --out when there is one
     compile: bool = False
