@@ -1,6 +1,5 @@
 """Checkpoints: atomic save, keep-last-K, latest-with-fallback, and loading a model from any supported source."""
 
-import hashlib
 import os
 import re
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 import torch
 
 from geb.config import ModelConfig
+from geb.corpus import file_sha256
 from geb.model import GEB
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
@@ -72,14 +72,6 @@ def load_latest(out_dir: str | os.PathLike) -> tuple[Path, dict] | None:
         except CheckpointError as e:
             print(f"warning: {e}; falling back to the previous checkpoint", file=sys.stderr)
     return None
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _find_tokenizer(ckpt_dir: Path, state: dict) -> Path | None:

