@@ -24,13 +24,7 @@ WORDS = ("the a sun rock light water plant seed tree river stone cloud rain snow
          "read write open close bright dark quick slow").split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are tiny: extra threads only add synchronisation, which costs 10-30x on a busy 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

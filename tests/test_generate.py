@@ -53,13 +53,7 @@ def train_tiny(tokenizer, steps: int = 60, seed: int = 0) -> GEB:
     return model.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops on a shared 2-core box: two OpenMP threads competing with other processes run ~10x slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
