@@ -1,7 +1,6 @@
 """GGUF export: the file reads back with gguf's reader (shapes, metadata, vocabulary), and a NumPy Llama forward in
 llama.cpp's conventions (interleaved-pair rotary) on the exported tensors gives geb's logits."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,15 +21,6 @@ CORPUS = Path(__file__).parent / "fixtures" / "corpus"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory) -> Path:
-    from geb.tokenizer import train_tokenizer
-
-    text = (CORPUS / "macbeth_act1.txt").read_text(encoding="utf-8")[:20000]
-    zh = "\n".join(json.loads(line)["text"] for line in (CORPUS / "news_zh.jsonl").read_text().splitlines())
-    return train_tokenizer([text, zh[:10000]], tmp_path_factory.mktemp("tok") / "tok", 400, num_threads=1)
 
 
 def tiny_model(vocab_size: int, n_kv_heads: int = 2, tie: bool = False) -> GEB:

@@ -24,15 +24,6 @@ CORPUS = Path(__file__).parent / "fixtures" / "corpus"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory) -> Path:
-    from geb.tokenizer import train_tokenizer
-
-    text = (CORPUS / "macbeth_act1.txt").read_text(encoding="utf-8")[:20000]
-    zh = "\n".join(json.loads(line)["text"] for line in (CORPUS / "news_zh.jsonl").read_text().splitlines())
-    return train_tokenizer([text, zh[:10000]], tmp_path_factory.mktemp("tok") / "tok", 500, num_threads=1)
-
-
 def make_run(run_dir: Path, tokenizer_file: Path, max_seq_len: int = 128, copy_tokenizer: bool = True,
              sha: str | None = None) -> GEB:
     """A run dir as train.py writes it: ckpt-*.pt (with the tokenizer's sha256) and tokenizer.model."""
