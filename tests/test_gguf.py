@@ -17,7 +17,6 @@ gguf = pytest.importorskip("gguf")
 from geb.gguf import export_gguf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-CORPUS = Path(__file__).parent / "fixtures" / "corpus"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

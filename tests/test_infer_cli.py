@@ -18,7 +18,6 @@ from geb.generate import Generator
 from geb.model import GEB
 
 ROOT = Path(__file__).resolve().parent.parent
-CORPUS = Path(__file__).parent / "fixtures" / "corpus"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
