@@ -440,6 +440,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics_file.close()
         writer.close()
     if world_size > 1:
+        # Every rank reaches this point before any tears down Gloo; a rank exiting early can abort its peer at exit.
+        dist.barrier()
         dist.destroy_process_group()
 
 
