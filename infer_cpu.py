@@ -51,14 +51,16 @@ def random_model(preset_name: str, seed: int = 0):
 
 
 def prepare(model, quant: str, compile: bool, cache_len: int, compile_mode: str | None):
-    """Quantize, then build the Generator (its decode step compiled lazily on first use); also the seconds spent
-    quantizing."""
+    """Convert the linear layers' weights (int8, or fp32 packed for oneDNN), then build the Generator (its decode
+    step compiled lazily on first use); also the weight format used and the seconds spent converting."""
     from geb.generate import Generator
-    from geb.quant import quantize_int8
+    from geb.quant import pack_fp32, quantize_int8
 
-    method, t0 = None, time.perf_counter()
+    t0 = time.perf_counter()
     if quant == "int8":
         method = quantize_int8(model)
+    else:
+        method = "onednn" if pack_fp32(model) else "plain"
     quant_s = time.perf_counter() - t0
     return Generator(model, max_seq_len=cache_len, compile=compile, compile_mode=compile_mode), method, quant_s
 
@@ -174,7 +176,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-    p.add_argument("--quant", choices=("none", "int8"), default="none", help="int8: dynamic int8 on every linear")
+    p.add_argument("--quant", choices=("none", "int8"), default="none",
+                   help="weights of every linear layer: none = fp32 (oneDNN-packed), int8 = dynamic int8")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
     p.add_argument("--bench", action="store_true", help="time a random-init --preset model; print one JSON line")

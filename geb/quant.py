@@ -1,6 +1,11 @@
-"""Int8 quantization of every nn.Linear (LM head included) for CPU inference.
+"""CPU weight formats for inference: every nn.Linear (LM head included) as oneDNN-packed fp32 or int8.
 
-Methods (measured on our CPU; see BENCHMARKS.md "CPU decode"):
+fp32 (`pack_fp32`): the weights reordered once into oneDNN's blocked layout. At batch 1 a linear layer is a
+matrix-vector product bound by reading its weights; oneDNN's kernel on the packed layout reads them faster than
+MKL's sgemm on the plain layout (27 vs 20 GB/s per 2048x5632 matrix on our 2-core CPU; BENCHMARKS.md), and the
+values are the same up to summation order.
+
+Int8 methods (measured on our CPU; see BENCHMARKS.md "CPU decode"):
 - "fbgemm" (default): dynamic int8 on PyTorch's quantized CPU kernels (FBGEMM, the kernels behind
   torch.ao.quantization.quantize_dynamic): int8 weights with one scale per output channel, activations quantized
   per call. Called through a custom op, so torch.compile traces the model in one graph (quantize_dynamic's own
@@ -21,21 +26,60 @@ import torch.nn as nn
 
 METHODS = ("auto", "fbgemm", "ao", "woq")
 
-# Packed FBGEMM weights, by handle: custom ops take tensors and scalars, not TorchScript objects. Entries live as
-# long as the process (one model per inference process; copies of a module share its handle).
+# Packed oneDNN and FBGEMM weights, by handle: operators take tensors and scalars, not TorchScript objects or
+# oneDNN-layout tensors (which dynamo cannot trace). Entries live as long as the process (one model per inference
+# process; copies of a module share its handle).
 _PACKED: list = []
 _LOCK = threading.Lock()
 
+# Plain operator registrations, not torch.library.custom_op: its Python wrapper costs ~40 us a call, which is
+# 7 ms a token over geb-1.3b's 169 linear layers (10% of an int8 decode step here).
+_LIB = torch.library.Library("geb", "FRAGMENT")
+_LIB.define("linear_int8_dynamic(Tensor x, int handle, int out_features) -> Tensor")
+_LIB.define("linear_onednn(Tensor x, int handle, int out_features) -> Tensor")
 
-@torch.library.custom_op("geb::linear_int8_dynamic", mutates_args=())
+
 def _linear_int8_dynamic(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
     # reduce_range=True: 7-bit activations, so AVX2 without VNNI (vpmaddubsw pairs) cannot saturate int16.
     return torch.ops.quantized.linear_dynamic(x.contiguous(), _PACKED[handle], True)
 
 
-@_linear_int8_dynamic.register_fake
-def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+def _linear_onednn(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    weight, bias = _PACKED[handle]
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+def _linear_fake(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+for _name, _kernel in (("linear_int8_dynamic", _linear_int8_dynamic), ("linear_onednn", _linear_onednn)):
+    _LIB.impl(_name, _kernel, "CPU")
+    torch.library.register_fake(f"geb::{_name}", _linear_fake, lib=_LIB)
+
+
+def _keep(packed) -> int:
+    """Store a packed weight for the custom ops; its handle."""
+    with _LOCK:  # layers are packed from several threads
+        _PACKED.append(packed)
+        return len(_PACKED) - 1
+
+
+class PackedLinear(nn.Module):
+    """fp32 linear on a weight reordered into oneDNN's blocked layout (chosen for batch-1 matrix-vector products)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().float().contiguous(), 1)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.handle = _keep((weight, bias))
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.geb.linear_onednn(x, self.handle, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp32 packed (oneDNN)"
 
 
 class DynamicInt8Linear(nn.Module):
@@ -47,14 +91,11 @@ class DynamicInt8Linear(nn.Module):
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
         qw = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
         bias = None if linear.bias is None else linear.bias.detach().float()
-        packed = torch.ops.quantized.linear_prepack(qw, bias)
-        with _LOCK:  # layers are packed from several threads
-            _PACKED.append(packed)
-            self.handle = len(_PACKED) - 1
+        self.handle = _keep(torch.ops.quantized.linear_prepack(qw, bias))
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear_int8_dynamic(x, self.handle, self.out_features)
+        return torch.ops.geb.linear_int8_dynamic(x, self.handle, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel (FBGEMM)"
@@ -100,6 +141,19 @@ def _replace_linears(module: nn.Module, make) -> int:
         warnings.simplefilter("ignore")  # qint8 tensors are deprecated as a user-facing type
         list(pool.map(convert, sites))
     return len(sites)
+
+
+def pack_fp32(model: nn.Module) -> bool:
+    """Reorder every fp32 nn.Linear's weight into oneDNN's layout, in place; False (model untouched) without
+    oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        PackedLinear(nn.Linear(8, 8))
+    except (AttributeError, RuntimeError, NotImplementedError):  # a build without these (private) ops
+        return False
+    _replace_linears(model, PackedLinear)
+    return True
 
 
 def quantize_ao(model: nn.Module) -> int:

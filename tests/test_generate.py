@@ -11,7 +11,7 @@ import torch
 from geb.config import ModelConfig
 from geb.generate import Generator, fit_prompt, sample
 from geb.model import GEB
-from geb.quant import quantize_int8
+from geb.quant import pack_fp32, quantize_int8
 
 CORPUS = Path(__file__).parent / "fixtures" / "corpus"
 
@@ -157,6 +157,24 @@ def test_int8_logits_close_to_fp32(trained, method):
     assert len(list(Generator(q).generate(idx[0].tolist(), 5, temperature=0.0))) == 5
 
 
+def test_packed_fp32_matches_plain(trained):
+    model, tok = trained
+    idx = torch.tensor([tok.encode("Thunder and lightning. Enter three Witches. 新华社北京电")[:48]])
+    packed = copy.deepcopy(model)
+    if not pack_fp32(packed):
+        pytest.skip("this torch build has no oneDNN")
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules()), "every linear, LM head included"
+    with torch.no_grad():
+        ref64, _ = copy.deepcopy(model).double()(idx)
+        plain, _ = model(idx)
+        got, _ = packed(idx)  # a 48-token prefill: the batch-1 layout serves longer inputs too
+    # Same values up to summation order: within twice plain fp32's own error against fp64.
+    assert (got.double() - ref64).abs().max() <= 2 * (plain.double() - ref64).abs().max() + 1e-6
+    prompt = idx[0, :8].tolist()
+    assert list(Generator(packed).generate(prompt, 30, temperature=0.0)) == \
+        list(Generator(model).generate(prompt, 30, temperature=0.0))
+
+
 def test_stream_decoder_equals_one_shot(trained):
     model, tok = trained
     text = "When shall we three meet again 新华社北京电 ☃ 𝄞!"
@@ -169,11 +187,16 @@ def test_stream_decoder_equals_one_shot(trained):
 
 
 @pytest.mark.slow
-def test_compiled_equals_eager_without_recompiles():
+@pytest.mark.parametrize("weights", ["plain", "onednn", "int8"])
+def test_compiled_equals_eager_without_recompiles(weights):
     import torch._dynamo
 
     torch.manual_seed(9)
     model = GEB(small_config(), impl="torch").eval()
+    if weights == "onednn" and not pack_fp32(model):
+        pytest.skip("this torch build has no oneDNN")
+    if weights == "int8":
+        quantize_int8(model, "fbgemm")
     prompt = torch.randint(0, 97, (6,)).tolist()
     eager = list(Generator(model).generate(prompt, 24, temperature=0.0))
     torch._dynamo.reset()
