@@ -51,16 +51,13 @@ def random_model(preset_name: str, seed: int = 0):
 
 
 def prepare(model, quant: str, compile: bool, cache_len: int, compile_mode: str | None):
-    """Convert the linear layers' weights (int8, or fp32 packed for oneDNN), then build the Generator (its decode
-    step compiled lazily on first use); also the weight format used and the seconds spent converting."""
+    """Fuse projections and convert the linear layers' weights (int8, or fp32 packed for oneDNN), then build the
+    Generator (its decode step compiled lazily on first use); also the weight format used and the seconds spent."""
     from geb.generate import Generator
-    from geb.quant import pack_fp32, quantize_int8
+    from geb.quant import convert_for_cpu
 
     t0 = time.perf_counter()
-    if quant == "int8":
-        method = quantize_int8(model)
-    else:
-        method = "onednn" if pack_fp32(model) else "plain"
+    method = convert_for_cpu(model, quant)
     quant_s = time.perf_counter() - t0
     return Generator(model, max_seq_len=cache_len, compile=compile, compile_mode=compile_mode), method, quant_s
 
@@ -148,7 +145,8 @@ def generate(args) -> None:
     interrupted = False
     try:
         for token in gen.generate(prompt, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
-                                  top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id, stats=stats):
+                                  top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id, stats=stats,
+                                  vocab_size=tok.vocab_size):
             text = decoder.push(token)
             if text:
                 out.write(text)

@@ -1,6 +1,6 @@
-"""CPU decode, side by side on the same weights: geb (fp32 plain / oneDNN-packed / int8, eager and compiled),
-Hugging Face transformers (fp32 / quantize_dynamic int8) and llama.cpp (llama-cpp-python, F32 / Q8_0 GGUF).
-Engines that are not installed are skipped. Batch 1, greedy.
+"""CPU decode, side by side on the same weights: geb (fp32 as trained, then as infer_cpu.py runs it: q/k/v and
+gate/up fused, weights oneDNN-packed or int8), Hugging Face transformers (fp32 / quantize_dynamic int8) and
+llama.cpp (llama-cpp-python, F32 / Q8_0 GGUF). Engines that are not installed are skipped. Batch 1, greedy.
 
 The host's memory bandwidth drifts by ±20% from minute to minute, so the engines of one precision are loaded
 together and decode in turns (GEB_BENCH_ROUNDS rounds, each engine once a round); each row is its best round.
@@ -25,7 +25,7 @@ import torch
 import infer_cpu
 from geb.generate import GenerationStats, Generator
 from geb.hf import export_hf, load_hf
-from geb.quant import pack_fp32, quantize_int8
+from geb.quant import convert_for_cpu
 
 PRESET = os.environ.get("GEB_BENCH_PRESET", "tiny")
 TOKENS = int(os.environ.get("GEB_BENCH_TOKENS", "32"))
@@ -110,8 +110,8 @@ def test_cpu_decode_side_by_side(tmp_path):
     rows = {}
     with torch.no_grad():
         plain = geb_engine(model, prompt, TOKENS)
-        rows.update(race({("geb eager", "fp32 (plain, MKL)"): plain}, ROUNDS))
-        ref = rows[("geb eager", "fp32 (plain, MKL)")][1]
+        rows.update(race({("geb eager", "fp32 (as trained: MKL)"): plain}, ROUNDS))
+        ref = rows[("geb eager", "fp32 (as trained: MKL)")][1]
         del plain
         model.clear_kv_cache()
         # The other engines' copies of the same weights, written while the fp32 model exists.
@@ -126,13 +126,13 @@ def test_cpu_decode_side_by_side(tmp_path):
 
         for weights in ("fp32", "int8"):
             engines, hf = {}, None
-            if weights == "fp32":
-                label = "fp32 (oneDNN-packed)" if pack_fp32(model) else "fp32 (plain, MKL)"
-            else:
+            if weights == "int8":
                 del model
                 gc.collect()
                 model = load_hf(hf_dir, impl="torch").eval()
-                label = f"int8 ({quantize_int8(model).upper()})"
+            fmt = convert_for_cpu(model, "none" if weights == "fp32" else "int8")  # as infer_cpu.py does
+            label = {"onednn": "fp32 (fused, oneDNN-packed)", "plain": "fp32 (fused, MKL)"}.get(fmt)
+            label = label or f"int8 (fused, {fmt})"
             engines[(geb_kind, label)] = geb_engine(model, prompt, TOKENS, compile=COMPILE)
             if transformers is not None:
                 hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

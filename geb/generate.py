@@ -108,8 +108,9 @@ class Generator:
     @torch.no_grad()
     def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, eos_id: int | None = None,
-                 stats: GenerationStats | None = None) -> Iterator[int]:
-        """Yield up to max_new_tokens new ids after prompt; stops at eos_id (not yielded) or the context limit."""
+                 stats: GenerationStats | None = None, vocab_size: int | None = None) -> Iterator[int]:
+        """Yield up to max_new_tokens new ids after prompt; stops at eos_id (not yielded) or the context limit.
+        vocab_size: sample only ids below it (a model's vocabulary may be padded past its tokenizer's)."""
         if not prompt:
             raise ValueError("prompt must hold at least one token (e.g. BOS)")
         stats = stats if stats is not None else GenerationStats()
@@ -126,7 +127,7 @@ class Generator:
         stats.stop_reason = "max_new_tokens"
         while stats.new_tokens < max_new_tokens:
             t0 = time.perf_counter()
-            token = sample(logits[0], temperature, top_k, top_p, gen)
+            token = sample(logits[0, :vocab_size], temperature, top_k, top_p, gen)
             stats.decode_s += time.perf_counter() - t0
             if eos_id is not None and token == eos_id:
                 stats.stop_reason = "eos"

@@ -53,6 +53,14 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def _fused_linear(*linears: nn.Linear) -> nn.Linear:
+    """One bias-free nn.Linear whose output is the outputs of linears, concatenated."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, impl: str):
         super().__init__()
@@ -61,16 +69,30 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse_projections (inference)
         self.impl = impl
         self.kv_cache: KVCache | None = None
+
+    def fuse_projections(self) -> None:
+        """Replace q/k/v_proj by one qkv_proj (inference: one matrix-vector product instead of three)."""
+        if self.qkv_proj is None:
+            self.qkv_proj = _fused_linear(self.q_proj, self.k_proj, self.v_proj)
+            del self.q_proj, self.k_proj, self.v_proj
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv_dim = self.n_kv_heads * self.head_dim
+        return self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         """start_pos: an int, or with a KV cache a (T,) tensor of positions (static-shape decoding)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(x)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim)
         q = kernels.apply_rotary(q, cos, sin, impl=self.impl)
         k = kernels.apply_rotary(k, cos, sin, impl=self.impl)
         if self.kv_cache is not None and isinstance(start_pos, torch.Tensor):
@@ -93,10 +115,21 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(config.d_model, config.ffn_dim, bias=False)
         self.up_proj = nn.Linear(config.d_model, config.ffn_dim, bias=False)
         self.down_proj = nn.Linear(config.ffn_dim, config.d_model, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse_projections (inference)
         self.impl = impl
 
+    def fuse_projections(self) -> None:
+        """Replace gate/up_proj by one gate_up_proj (inference: one matrix-vector product instead of two)."""
+        if self.gate_up_proj is None:
+            self.gate_up_proj = _fused_linear(self.gate_proj, self.up_proj)
+            del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x), impl=self.impl))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(kernels.swiglu(gate.contiguous(), up.contiguous(), impl=self.impl))
 
 
 class Block(nn.Module):
@@ -158,6 +191,13 @@ class GEB(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, self.config.n_kv_heads, self.config.head_dim,
                                                dtype or weight.dtype, weight.device)
+
+    def fuse_projections(self) -> None:
+        """For inference: fuse each layer's q/k/v and gate/up projections (fewer, larger matrix-vector products
+        at batch 1). The state dict then no longer has the Hugging Face names: export before fusing."""
+        for layer in self.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def clear_kv_cache(self) -> None:
         """Drop the KV caches: forward goes back to full-sequence mode."""

@@ -156,6 +156,18 @@ def pack_fp32(model: nn.Module) -> bool:
     return True
 
 
+def convert_for_cpu(model: nn.Module, quant: str = "none") -> str:
+    """Fuse a GEB's q/k/v and gate/up projections, then convert every linear layer for CPU decoding: "none" packs
+    fp32 weights for oneDNN (where available), "int8" quantizes them; the weight format used."""
+    if quant not in ("none", "int8"):
+        raise ValueError(f"quant must be 'none' or 'int8', got {quant!r}")
+    if hasattr(model, "fuse_projections"):
+        model.fuse_projections()
+    if quant == "int8":
+        return quantize_int8(model)
+    return "onednn" if pack_fp32(model) else "plain"
+
+
 def quantize_ao(model: nn.Module) -> int:
     """torch.ao.quantization.quantize_dynamic on every nn.Linear, in place; the number replaced."""
     n = sum(isinstance(m, nn.Linear) for m in model.modules())

@@ -11,7 +11,7 @@ import torch
 from geb.config import ModelConfig
 from geb.generate import Generator, fit_prompt, sample
 from geb.model import GEB
-from geb.quant import pack_fp32, quantize_int8
+from geb.quant import convert_for_cpu, quantize_int8
 
 CORPUS = Path(__file__).parent / "fixtures" / "corpus"
 
@@ -110,6 +110,19 @@ def test_generation_stops_at_context_limit_and_eos():
     assert out2 == out[:out.index(eos)] and stats.stop_reason == "eos"
 
 
+def test_padded_vocabulary_is_never_sampled():
+    # A model's vocabulary padded past its tokenizer's (GEB's 64,896): ids the tokenizer lacks must never come out.
+    torch.manual_seed(8)
+    model = GEB(small_config(), impl="torch").eval()
+    with torch.no_grad():
+        model.lm_head.weight[40:] *= 50  # make the padding ids the likely ones
+    free = list(Generator(model).generate([1, 2, 3], 60, temperature=1.0, top_k=None, seed=0))
+    assert max(free) >= 40  # without the limit, padding ids do come out
+    limited = list(Generator(model).generate([1, 2, 3], 60, temperature=1.0, top_k=None, seed=0, vocab_size=40))
+    greedy = list(Generator(model).generate([1, 2, 3], 20, temperature=0.0, vocab_size=40))
+    assert max(limited) < 40 and max(greedy) < 40
+
+
 def test_long_prompt_keeps_last_tokens(capsys):
     prompt = [i % 97 for i in range(100)]
     kept = fit_prompt(prompt, 64, 16)
@@ -157,13 +170,19 @@ def test_int8_logits_close_to_fp32(trained, method):
     assert len(list(Generator(q).generate(idx[0].tolist(), 5, temperature=0.0))) == 5
 
 
-def test_packed_fp32_matches_plain(trained):
+@pytest.mark.parametrize("pack", [False, True])
+def test_fused_packed_fp32_matches_plain(trained, pack, monkeypatch):
     model, tok = trained
     idx = torch.tensor([tok.encode("Thunder and lightning. Enter three Witches. 新华社北京电")[:48]])
     packed = copy.deepcopy(model)
-    if not pack_fp32(packed):
+    if not pack:  # fusion alone: what a torch build without oneDNN gets
+        monkeypatch.setattr("geb.quant.pack_fp32", lambda m: False)
+    fmt = convert_for_cpu(packed, "none")
+    if pack and fmt != "onednn":
         pytest.skip("this torch build has no oneDNN")
-    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules()), "every linear, LM head included"
+    assert all(layer.self_attn.qkv_proj is not None and layer.mlp.gate_up_proj is not None for layer in packed.layers)
+    linears = [m for m in packed.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == (0 if pack else 4 * len(packed.layers) + 1), "every linear, LM head included"
     with torch.no_grad():
         ref64, _ = copy.deepcopy(model).double()(idx)
         plain, _ = model(idx)
@@ -187,16 +206,14 @@ def test_stream_decoder_equals_one_shot(trained):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights", ["plain", "onednn", "int8"])
+@pytest.mark.parametrize("weights", ["plain", "onednn", "fbgemm"])
 def test_compiled_equals_eager_without_recompiles(weights):
     import torch._dynamo
 
     torch.manual_seed(9)
     model = GEB(small_config(), impl="torch").eval()
-    if weights == "onednn" and not pack_fp32(model):
-        pytest.skip("this torch build has no oneDNN")
-    if weights == "int8":
-        quantize_int8(model, "fbgemm")
+    if weights != "plain" and convert_for_cpu(model, "int8" if weights == "fbgemm" else "none") != weights:
+        pytest.skip(f"this torch build has no {weights} weights")
     prompt = torch.randint(0, 97, (6,)).tolist()
     eager = list(Generator(model).generate(prompt, 24, temperature=0.0))
     torch._dynamo.reset()
