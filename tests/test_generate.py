@@ -154,14 +154,17 @@ def test_sampling_reproducible_and_filters():
     assert {sample(logits, 1.0, top_p=0.7, generator=g) for _ in range(200)} == {2, 3}
 
 
-@pytest.mark.parametrize("method", ["fbgemm", "ao", "woq"])
+@pytest.mark.parametrize("method", ["fbgemm", "ao", "woq", "fused fbgemm"])
 def test_int8_logits_close_to_fp32(trained, method):
     model, tok = trained
     idx = torch.tensor([tok.encode("Thunder and lightning. Enter three Witches. 新华社北京电")[:48]])
     with torch.no_grad():
         ref, _ = model(idx)
         q = copy.deepcopy(model)
-        assert quantize_int8(q, method) == method
+        if method == "fused fbgemm":  # what infer_cpu.py --quant int8 runs
+            assert convert_for_cpu(q, "int8") == "fbgemm" and q.layers[0].mlp.gate_up_proj is not None
+        else:
+            assert quantize_int8(q, method) == method
         got, _ = q(idx)
     assert not any(isinstance(m, torch.nn.Linear) for m in q.modules()), "every linear, LM head included"
     cos = torch.nn.functional.cosine_similarity(got[0], ref[0], dim=-1)
