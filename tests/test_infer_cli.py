@@ -16,6 +16,7 @@ from geb.checkpoint import file_sha256, save_checkpoint
 from geb.config import ModelConfig
 from geb.generate import Generator
 from geb.model import GEB
+from geb.tokenizer import EOS_ID
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,12 +25,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_run(run_dir: Path, tokenizer_file: Path, max_seq_len: int = 128, copy_tokenizer: bool = True,
-             sha: str | None = None) -> GEB:
-    """A run dir as train.py writes it: ckpt-*.pt (with the tokenizer's sha256) and tokenizer.model."""
+             sha: str | None = None, mute_eos: bool = False) -> GEB:
+    """A run dir as train.py writes it: ckpt-*.pt (with the tokenizer's sha256) and tokenizer.model. mute_eos: EOS
+    gets logit 0, the median of a random model's logits, so top-k sampling with a small k never stops at EOS."""
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
                          max_seq_len=max_seq_len)
     model = GEB(config).eval()
+    if mute_eos:
+        with torch.no_grad():
+            model.lm_head.weight[EOS_ID] = 0.0
     state = {"model": model.state_dict(), "model_config": config.to_dict(), "step": 10,
              "tokenizer_sha256": sha or file_sha256(tokenizer_file), "data_dir": None}
     save_checkpoint(run_dir, 10, state)
@@ -113,11 +118,11 @@ def test_bench_json_line(capsys):
 
 
 def test_ctrl_c_flushes_and_exits_zero(tmp_path, tokenizer_file):
-    # A long context so generation is still running when the signal arrives.
-    make_run(tmp_path / "run", tokenizer_file, max_seq_len=4096)
+    # A long context and no EOS, so generation is still running when the signal arrives.
+    make_run(tmp_path / "run", tokenizer_file, max_seq_len=4096, mute_eos=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "infer_cpu.py"), "--ckpt", str(tmp_path / "run"),
-                             "--prompt", "Thunder", "--max-new-tokens", "4000", "--threads", "1"],
+                             "--prompt", "Thunder", "--max-new-tokens", "4000", "--top-k", "20", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
     first = proc.stdout.read(1)  # generation has started once text arrives
     proc.send_signal(signal.SIGINT)
