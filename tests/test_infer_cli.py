@@ -123,7 +123,10 @@ def test_ctrl_c_flushes_and_exits_zero(tmp_path, tokenizer_file):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "infer_cpu.py"), "--ckpt", str(tmp_path / "run"),
                              "--prompt", "Thunder", "--max-new-tokens", "4000", "--top-k", "20", "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT,
+                            # A runner started in the background (`cmd &`) passes SIGINT on as ignored, and Python
+                            # then installs no KeyboardInterrupt handler: give the child the default disposition.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stdout.read(1)  # generation has started once text arrives
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
