@@ -25,7 +25,6 @@ import torch
 import infer_cpu
 from geb.generate import GenerationStats, Generator
 from geb.hf import export_hf, load_hf
-from geb.quant import convert_for_cpu
 
 PRESET = os.environ.get("GEB_BENCH_PRESET", "tiny")
 TOKENS = int(os.environ.get("GEB_BENCH_TOKENS", "32"))
@@ -36,9 +35,8 @@ PROMPT_TOKENS = 16
 Decode = Callable[[], tuple[float, list[int]]]  # one greedy decode of the prompt: (decode tokens/s, new tokens)
 
 
-def geb_engine(model, prompt: list[int], n: int, compile: bool = False) -> Decode:
-    """geb's Generator on model (compiled here, so compile time is not counted)."""
-    gen = Generator(model, max_seq_len=len(prompt) + n, compile=compile)
+def geb_engine(gen: Generator, prompt: list[int], n: int) -> Decode:
+    """geb's Generator (warmed up, and compiled if it compiles, here: compile time is not counted)."""
     gen.warmup()
 
     def decode():
@@ -109,7 +107,7 @@ def test_cpu_decode_side_by_side(tmp_path):
     geb_kind = "geb compiled" if COMPILE else "geb eager"
     rows = {}
     with torch.no_grad():
-        plain = geb_engine(model, prompt, TOKENS)
+        plain = geb_engine(Generator(model, max_seq_len=PROMPT_TOKENS + TOKENS), prompt, TOKENS)
         rows.update(race({("geb eager", "fp32 (as trained: MKL)"): plain}, ROUNDS))
         ref = rows[("geb eager", "fp32 (as trained: MKL)")][1]
         del plain
@@ -130,10 +128,11 @@ def test_cpu_decode_side_by_side(tmp_path):
                 del model
                 gc.collect()
                 model = load_hf(hf_dir, impl="torch").eval()
-            fmt = convert_for_cpu(model, "none" if weights == "fp32" else "int8")  # as infer_cpu.py does
+            gen, fmt, _ = infer_cpu.prepare(model, "none" if weights == "fp32" else "int8", COMPILE,
+                                            PROMPT_TOKENS + TOKENS, None)
             label = {"onednn": "fp32 (fused, oneDNN-packed)", "plain": "fp32 (fused, MKL)"}.get(fmt)
             label = label or f"int8 (fused, {fmt})"
-            engines[(geb_kind, label)] = geb_engine(model, prompt, TOKENS, compile=COMPILE)
+            engines[(geb_kind, label)] = geb_engine(gen, prompt, TOKENS)
             if transformers is not None:
                 hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
                 if weights == "int8":
@@ -149,7 +148,7 @@ def test_cpu_decode_side_by_side(tmp_path):
             rows.update(results)
             if weights == "fp32":  # the same weights give the same greedy continuation in every engine
                 assert all(tokens[:8] == ref[:8] for _, tokens in results.values())
-            del engines, hf
+            del engines, hf, gen
             torch._dynamo.reset()  # compiled code holds on to the model it was compiled for
             gc.collect()
 

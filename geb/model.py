@@ -80,6 +80,7 @@ class Attention(nn.Module):
             del self.q_proj, self.k_proj, self.v_proj
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of x (B, T, d_model), each (B, T, heads * head_dim), from the separate or the fused weights."""
         if self.qkv_proj is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         kv_dim = self.n_kv_heads * self.head_dim
@@ -129,7 +130,7 @@ class FeedForward(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(kernels.swiglu(gate.contiguous(), up.contiguous(), impl=self.impl))
+        return self.down_proj(kernels.swiglu(gate, up, impl=self.impl))
 
 
 class Block(nn.Module):

@@ -8,8 +8,8 @@ values are the same up to summation order.
 Int8 methods (measured on our CPU; see BENCHMARKS.md "CPU decode"):
 - "fbgemm" (default): dynamic int8 on PyTorch's quantized CPU kernels (FBGEMM, the kernels behind
   torch.ao.quantization.quantize_dynamic): int8 weights with one scale per output channel, activations quantized
-  per call. Called through a custom op, so torch.compile traces the model in one graph (quantize_dynamic's own
-  modules hold a TorchScript object that dynamo cannot trace: fullgraph compilation fails on them).
+  per call. Called through a torch.library operator, so torch.compile traces the model in one graph
+  (quantize_dynamic's own modules hold a TorchScript object that dynamo cannot trace: fullgraph compilation fails).
 - "ao": torch.ao.quantization.quantize_dynamic itself (deprecated in torch 2.x; per-tensor weight scales; eager only).
 - "woq": weight-only int8 (fp32 activations) through torch._weight_int8pack_mm; the fallback when a torch build
   has no quantized CPU engine. Slow on our CPU, but available everywhere.
@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn as nn
+
+from geb.model import GEB
 
 METHODS = ("auto", "fbgemm", "ao", "woq")
 
@@ -59,7 +61,7 @@ for _name, _kernel in (("linear_int8_dynamic", _linear_int8_dynamic), ("linear_o
 
 
 def _keep(packed) -> int:
-    """Store a packed weight for the custom ops; its handle."""
+    """Store a packed weight for the operators; its handle."""
     with _LOCK:  # layers are packed from several threads
         _PACKED.append(packed)
         return len(_PACKED) - 1
@@ -156,13 +158,12 @@ def pack_fp32(model: nn.Module) -> bool:
     return True
 
 
-def convert_for_cpu(model: nn.Module, quant: str = "none") -> str:
-    """Fuse a GEB's q/k/v and gate/up projections, then convert every linear layer for CPU decoding: "none" packs
-    fp32 weights for oneDNN (where available), "int8" quantizes them; the weight format used."""
+def convert_for_cpu(model: GEB, quant: str = "none") -> str:
+    """Fuse the model's q/k/v and gate/up projections, then convert every linear layer for CPU decoding: "none"
+    packs fp32 weights for oneDNN (where available), "int8" quantizes them; the weight format used."""
     if quant not in ("none", "int8"):
         raise ValueError(f"quant must be 'none' or 'int8', got {quant!r}")
-    if hasattr(model, "fuse_projections"):
-        model.fuse_projections()
+    model.fuse_projections()
     if quant == "int8":
         return quantize_int8(model)
     return "onednn" if pack_fp32(model) else "plain"
