@@ -340,8 +340,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"step {at_step}: val loss {result['loss']:.4f}, val bpb {result['bpb']:.4f}", flush=True)
 
     bad_steps = {int(s) for s in cfg.debug_bad_batch_steps.split(",") if s.strip()}
-    flops_per_token = 6 * raw_model.num_params()["non_embedding"] + 6 * model_config.n_layers * seq_len * \
-        model_config.d_model
+    flops_per_token = raw_model.flops_per_token(seq_len)
     peak_flops = gpu_peak_flops(device)
     last_stop = cfg.max_steps if not cfg.run_steps else min(cfg.max_steps, step + cfg.run_steps)
     if master and step >= last_stop:

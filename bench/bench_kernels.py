@@ -6,9 +6,10 @@ importable) for RMSNorm, SwiGLU and rotary. Each result is checked against the r
 rule before it is timed. extra_info records TFLOP/s (attention) or effective GB/s (the others: the bytes an op
 must read and write at least), and the peak CUDA memory of one call above the inputs.
 
-On a GPU: GEB-1.3B shapes in bf16 (8k-32k tokens, d 2048, FFN 5632, 16 heads / 4 KV heads, head dim 128,
-T 1k-8k). On a CPU: the reference paths are timed at small sizes, and the Triton kernels are only checked under
-the interpreter at tiny sizes (one untimed-quality round: interpreter timings mean nothing).
+On a GPU: GEB-1.3B shapes in bf16 (8k-32k tokens, d 2048, FFN 5632, 16 heads / 4 KV heads, head dim 128 and
+64, T 1k-16k), plus the device's copy bandwidth and bf16 matmul rate as ceilings. On a CPU: the reference paths
+are timed at small sizes, and the Triton kernels are only checked under the interpreter at tiny sizes (one
+untimed-quality round: interpreter timings mean nothing).
 
     pytest bench/ --benchmark-json=bench.json && python bench/report.py bench.json
 """
@@ -40,16 +41,17 @@ except ImportError:
 
 MODES = ["fwd", "fwd_bwd"]
 # On a CPU, few rounds: the point there is that every path runs and is checked, not precise timings.
-pytestmark = pytest.mark.benchmark(min_rounds=5 if CUDA else 2, max_time=1.0 if CUDA else 0.2)
+pytestmark = pytest.mark.benchmark(min_rounds=5 if CUDA else 2, max_time=0.5 if CUDA else 0.2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shapes. GPU: GEB-1.3B. CPU: references at small but meaningful sizes; Triton (interpreter) at tiny sizes.
 # ---------------------------------------------------------------------------------------------------------------
 if CUDA:
-    ATTN_SHAPES = [  # (B, T, Hq, Hkv, D, causal)
-        (8, 1024, 16, 4, 128, True), (4, 2048, 16, 4, 128, True), (2, 4096, 16, 4, 128, True),
-        (1, 8192, 16, 4, 128, True), (4, 2048, 16, 4, 128, False), (8, 4096, 16, 4, 128, True),
+    ATTN_SHAPES = [  # (B, T, Hq, Hkv, D, causal): 16k tokens per batch except at T = 16k
+        (16, 1024, 16, 4, 128, True), (8, 2048, 16, 4, 128, True), (4, 4096, 16, 4, 128, True),
+        (2, 8192, 16, 4, 128, True), (1, 16384, 16, 4, 128, True), (8, 2048, 16, 4, 128, False),
+        (8, 2048, 32, 8, 64, True), (8, 2048, 32, 8, 64, False), (2, 8192, 32, 8, 64, True),
     ]
     NORM_SHAPES = [(8192, 2048), (16384, 2048), (32768, 2048)]  # (tokens, d_model)
     SWIGLU_SHAPES = [(8192, 5632), (16384, 5632), (32768, 5632)]  # (tokens, ffn)
@@ -339,3 +341,43 @@ def test_rotary(benchmark, provider, shape, mode):
     _bench(benchmark, op="rotary", provider=provider, mode=mode, shape=shape, fn=_rotary_fn(provider),
            ref_fn=_rotary_fn("torch"), inputs=[q, k, cos, sin], grad=[True, True, False, False],
            names=["q", "k", "cos", "sin"], work=_gbps(n_bytes))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ceilings: what the device can do at best, to read the kernels' figures against.
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["fwd"])
+def test_ceiling_copy(benchmark, mode):
+    """Device-to-device copy of 1 GiB (64 MiB on CPU); GB/s counts the bytes read plus the bytes written."""
+    n = (2**30 if CUDA else 2**26) // 2
+    src = torch.randn(n, device=DEVICE, dtype=torch.float16)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    assert torch.equal(dst, src)
+    benchmark.group = f"copy {mode}"
+    benchmark.extra_info.update({"op": "ceiling_copy", "provider": "torch", "mode": mode, "shape": str((n,)),
+                                 "dtype": "float16", "device": DEVICE, "peak_mem_mb": None})
+
+    def run():
+        dst.copy_(src)
+        _sync()
+    benchmark(run)
+    benchmark.extra_info["gbps"] = 2 * n * src.element_size() / benchmark.stats.stats.median / 1e9
+
+
+@pytest.mark.parametrize("mode", ["fwd"])
+def test_ceiling_matmul(benchmark, mode):
+    """The dense matmul rate: 8192^3 in bf16 on a GPU (1024^3 fp32 on CPU), fresh random operands."""
+    n = 8192 if CUDA else 1024
+    a, b = torch.randn(n, n, device=DEVICE, dtype=DTYPE), torch.randn(n, n, device=DEVICE, dtype=DTYPE)
+    ref = (a[:64].double() @ b.double())
+    assert_rule("matmul", (a @ b)[:64], ref, (a.float() @ b.float())[:64].to(DTYPE), factor=4.0)
+    benchmark.group = f"matmul {mode}"
+    benchmark.extra_info.update({"op": "ceiling_matmul", "provider": "torch", "mode": mode, "shape": str((n, n, n)),
+                                 "dtype": str(DTYPE).removeprefix("torch."), "device": DEVICE, "peak_mem_mb": None})
+
+    def run():
+        torch.mm(a, b)
+        _sync()
+    benchmark(run)
+    benchmark.extra_info["tflops"] = 2 * n**3 / benchmark.stats.stats.median / 1e12

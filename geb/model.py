@@ -185,6 +185,12 @@ class GEB(nn.Module):
             embedding += self.lm_head.weight.numel()
         return {"embedding": embedding, "non_embedding": total - embedding, "total": total}
 
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward): 6 per weight of every matrix product, the LM head
+        included and the embedding lookup not, plus causal attention's 6 * n_layers * seq_len * d_model."""
+        matmul_weights = self.num_params()["non_embedding"] + self.lm_head.weight.numel()
+        return 6 * matmul_weights + 6 * self.config.n_layers * seq_len * self.config.n_heads * self.config.head_dim
+
     def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> None:
         """Allocate a static KV cache in every layer (for decoding); see clear_kv_cache."""
         weight = self.embed_tokens.weight
