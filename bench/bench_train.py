@@ -1,7 +1,7 @@
 """Training throughput on one device: tokens/s, MFU and peak memory of train.py's step, per kernel path.
 
-    python bench/bench_train.py --preset geb-1.3b --batch-size 8 --seq-len 2048
-    python bench/bench_train.py --preset stlm-50m --batch-size 64 --impl triton,torch --compile false,true
+    python -m bench.bench_train --preset geb-1.3b --batch-size 8 --seq-len 2048
+    python -m bench.bench_train --preset stlm-50m --batch-size 64 --impl triton,torch --compile false,true
 
 Each configuration builds the preset from one seed, then runs train.py's step on random tokens (fp32 weights, bf16
 autocast on CUDA, fused AdamW, gradient clipping): warm-up steps (which include compiling), then timed steps.
@@ -105,7 +105,8 @@ def main() -> None:
     p.add_argument("--preset", default="geb-1.3b")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=0, help="0 = the preset's context")
-    p.add_argument("--impl", default="triton,torch", help="comma-separated: triton, torch")
+    p.add_argument("--impl", default="triton,torch" if torch.cuda.is_available() else "torch",
+                   help="comma-separated: triton, torch (triton needs a GPU)")
     p.add_argument("--compile", default="false,true", help="comma-separated: false, true")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

@@ -28,8 +28,8 @@ if [[ $what == all || $what == kernels ]]; then
 fi
 if [[ $what == all || $what == train ]]; then
     rm -f "$out/train.jsonl"
-    timeout 360 python3 bench/bench_train.py --preset geb-1.3b --batch-size 8 --seq-len 2048 \
+    timeout 360 python3 -m bench.bench_train --preset geb-1.3b --batch-size 8 --seq-len 2048 \
         --json "$out/train.jsonl" 2>&1 | tee "$out/train.md"
-    timeout 150 python3 bench/bench_train.py --preset stlm-50m --batch-size 64 --json "$out/train.jsonl" \
+    timeout 150 python3 -m bench.bench_train --preset stlm-50m --batch-size 64 --json "$out/train.jsonl" \
         2>&1 | tee -a "$out/train.md"
 fi
