@@ -140,10 +140,17 @@ def _bench(benchmark, *, op: str, provider: str, mode: str, shape: tuple, fn: Ca
         except (RuntimeError, TypeError, ValueError) as e:
             pytest.skip(f"{provider} cannot run {shape}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     factors = factors or {}
-    if provider not in ("triton", "torch", "compile"):
-        # Third-party kernels (SDPA backends, Liger) are held to twice the slack: the rule is our kernels' bar.
+    outside_rule = None
+    if provider in ("triton", "torch", "compile"):
+        _check(fn, ref_fn, inputs, grad, mode, names, factors)
+    else:
+        # Third-party kernels (SDPA backends, Liger): twice the slack, and a miss is recorded, not failed. Our
+        # kernels must meet the rule; theirs are comparison points (Liger's SwiGLU backward misses it in bf16).
         factors = {name: 2 * factors.get(name, 2.0) for name in ["dout", *[f"d{n}" for n in names]]}
-    _check(fn, ref_fn, inputs, grad, mode, names, factors)
+        try:
+            _check(fn, ref_fn, inputs, grad, mode, names, factors)
+        except AssertionError as e:
+            outside_rule = str(e).splitlines()[0]
     args = _leaves(inputs, [g and mode == "fwd_bwd" for g in grad])
     wrt = [a for a, g in zip(args, grad, strict=True) if g]
 
@@ -173,7 +180,7 @@ def _bench(benchmark, *, op: str, provider: str, mode: str, shape: tuple, fn: Ca
     benchmark.group = f"{op} {mode} {shape}"
     benchmark.extra_info.update({"op": op, "provider": provider, "mode": mode, "shape": str(shape),
                                  "dtype": str(inputs[0].dtype).removeprefix("torch."), "device": DEVICE,
-                                 "peak_mem_mb": peak_mb})
+                                 "peak_mem_mb": peak_mb, "outside_rule": outside_rule})
     if provider == "triton" and not CUDA:
         # Interpreter: the check above is the point; one round keeps the row in the report.
         benchmark.extra_info["note"] = "TRITON_INTERPRET: checked, time not meaningful"
@@ -186,6 +193,9 @@ def _bench(benchmark, *, op: str, provider: str, mode: str, shape: tuple, fn: Ca
 
 
 def _compiled(fn: Callable) -> Callable:
+    # Every case compiles the same function objects anew: without a reset, dynamo's recompile limit (8 per code
+    # object) is reached after a few shapes and later cases silently run eager.
+    torch._dynamo.reset()
     return torch.compile(fn, dynamic=False)
 
 

@@ -36,6 +36,7 @@ def rows(data: dict) -> list[dict]:
             "gbps": info.get("gbps"),
             "peak_mb": info.get("peak_mem_mb"),
             "note": info.get("note", ""),
+            "outside_rule": info.get("outside_rule"),
         })
     # Speed relative to eager PyTorch on the same op, mode and shape (> 1: faster than eager).
     eager = {(r["op"], r["mode"], r["shape"]): r["median_ms"] for r in out if r["provider"] == "torch"}
@@ -61,6 +62,8 @@ def markdown(data: dict) -> str:
     ]
     for r in rows(data):
         provider = r["provider"] + (f" ({r['note']})" if r["note"] else "")
+        if r["outside_rule"]:
+            provider += " (misses the error rule: " + r["outside_rule"].replace("|", "/") + ")"
         vs = f"{r['vs_torch']:.2f}x" if r["vs_torch"] else "-"
         lines.append(f"| {r['op']} | {r['mode']} | {r['shape']} | {r['dtype']} | {provider} | "
                      f"{_fmt(r['median_ms'], 3)} | {_sig(r['tflops'])} | {_sig(r['gbps'])} | "
