@@ -32,6 +32,7 @@ def rows(data: dict) -> list[dict]:
             "dtype": info.get("dtype", ""),
             "provider": info.get("provider", bench["name"]),
             "median_ms": stats["median"] * 1e3 if "median" in stats else None,
+            "device_ms": info.get("device_ms"),
             "tflops": info.get("tflops"),
             "gbps": info.get("gbps"),
             "peak_mb": info.get("peak_mem_mb"),
@@ -39,10 +40,13 @@ def rows(data: dict) -> list[dict]:
             "outside_rule": info.get("outside_rule"),
         })
     # Speed relative to eager PyTorch on the same op, mode and shape (> 1: faster than eager).
-    eager = {(r["op"], r["mode"], r["shape"]): r["median_ms"] for r in out if r["provider"] == "torch"}
+    # Device time where it was measured (GPU), wall time otherwise.
+    def ms(r):
+        return r["device_ms"] or r["median_ms"]
+    eager = {(r["op"], r["mode"], r["shape"]): ms(r) for r in out if r["provider"] == "torch"}
     for r in out:
         base = eager.get((r["op"], r["mode"], r["shape"]))
-        r["vs_torch"] = base / r["median_ms"] if base and r["median_ms"] and not r["note"] else None
+        r["vs_torch"] = base / ms(r) if base and ms(r) and not r["note"] else None
     order = {p: i for i, p in enumerate(PROVIDER_ORDER)}
     out.sort(key=lambda r: (r["op"], r["mode"], r["shape"], order.get(r["provider"], len(order))))
     return out
@@ -57,8 +61,8 @@ def markdown(data: dict) -> str:
         f"Python {machine.get('python_version', '?')}; commit {str(commit.get('id', '?'))[:10]}; "
         f"{data.get('datetime', '?')}",
         "",
-        "| op | mode | shape | dtype | provider | median ms | TFLOP/s | GB/s | peak MiB | vs eager torch |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| op | mode | shape | dtype | provider | wall ms | device ms | TFLOP/s | GB/s | peak MiB | vs eager torch |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows(data):
         provider = r["provider"] + (f" ({r['note']})" if r["note"] else "")
@@ -66,8 +70,8 @@ def markdown(data: dict) -> str:
             provider += " (misses the error rule: " + r["outside_rule"].replace("|", "/") + ")"
         vs = f"{r['vs_torch']:.2f}x" if r["vs_torch"] else "-"
         lines.append(f"| {r['op']} | {r['mode']} | {r['shape']} | {r['dtype']} | {provider} | "
-                     f"{_fmt(r['median_ms'], 3)} | {_sig(r['tflops'])} | {_sig(r['gbps'])} | "
-                     f"{_fmt(r['peak_mb'])} | {vs} |")
+                     f"{_fmt(r['median_ms'], 3)} | {_fmt(r['device_ms'], 3)} | {_sig(r['tflops'])} | "
+                     f"{_sig(r['gbps'])} | {_fmt(r['peak_mb'])} | {vs} |")
     return "\n".join(lines)
 
 
