@@ -3,8 +3,10 @@
 Providers: "triton" (our kernels), "torch" (eager PyTorch reference), "compile" (torch.compile of the reference),
 for attention also "sdpa_flash" and "sdpa_cudnn" (PyTorch SDPA backends), and "liger" (Liger-Kernel, when
 importable) for RMSNorm, SwiGLU and rotary. Each result is checked against the reference by the kernel tests'
-rule before it is timed. extra_info records TFLOP/s (attention) or effective GB/s (the others: the bytes an op
-must read and write at least), and the peak CUDA memory of one call above the inputs.
+rule before it is timed (ours must pass; a third-party kernel's miss is recorded in extra_info["outside_rule"]).
+extra_info records TFLOP/s (attention) or effective GB/s (the others: the bytes an op must read and write at
+least), on a GPU from device time (triton.testing.do_bench) with the wall-clock figures as "*_wall", and the peak
+CUDA memory of one call above the inputs.
 
 On a GPU: GEB-1.3B shapes in bf16 (8k-32k tokens, d 2048, FFN 5632, 16 heads / 4 KV heads, head dim 128 and
 64, T 1k-16k), plus the device's copy bandwidth and bf16 matmul rate as ceilings. On a CPU: the reference paths

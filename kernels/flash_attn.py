@@ -28,8 +28,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """Autotune configs (BLOCK_M, BLOCK_N, num_warps, num_stages); a single one under the interpreter, and the
-    last (smallest) one with GEB_AUTOTUNE=0, which skips tuning for test sweeps over many shapes on a GPU."""
+    """Autotune configs (BLOCK_M, BLOCK_N, num_warps, num_stages); a single one under the interpreter, and only the
+    last, a small one, with GEB_AUTOTUNE=0 (read when `kernels` is first imported): no tuning for test sweeps over
+    many shapes on a GPU."""
     if _INTERPRET:
         # Multi-config autotune fails in the interpreter ("0 active drivers"); 32 keeps dots GPU-legal (>= 16).
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]

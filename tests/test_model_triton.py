@@ -79,10 +79,16 @@ def test_model_triton_matches_torch_bf16_autocast_gpu():
     truth = copy.deepcopy(reference).double()
     idx = torch.randint(0, config.vocab_size, (2, 300), device="cuda")
     targets = torch.randint(0, config.vocab_size, (2, 300), device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        with poisoned_outputs():
-            logits, grads = _run(model, idx, targets)
-        same_logits, same_grads = _run(reference, idx, targets)
+
+    def run_autocast(m):  # as train.py: forward under autocast, backward outside it
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, loss = m(idx, targets)
+        (loss * 1000).backward()
+        return logits, {name: p.grad for name, p in m.named_parameters()}
+
+    with poisoned_outputs():
+        logits, grads = run_autocast(model)
+    same_logits, same_grads = run_autocast(reference)
     ref_logits, ref_grads = _run(truth, idx, targets)
     assert_rule("logits", logits, ref_logits, same_logits, factor=4.0)
     for name, grad in grads.items():
