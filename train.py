@@ -103,6 +103,12 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices (linear and embedding weights), none on norm weights."""
+    return [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
     if step < cfg.warmup_steps:
@@ -232,15 +238,14 @@ def main(argv: list[str] | None = None) -> None:
     loader = TokenLoader(cfg.data, "train", seq_len, cfg.batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
                          model_vocab_size=model_config.vocab_size)
 
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = param_groups(model, cfg.weight_decay)
     adam_kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)  # fused AdamW runs on CPU and CUDA
     if cfg.zero and world_size > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
-        optimizer = ZeroRedundancyOptimizer(decay, optimizer_class=torch.optim.AdamW,
+        # ZeroRedundancyOptimizer takes one group at construction; the no-decay group is added after.
+        optimizer = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
                                             weight_decay=cfg.weight_decay, **adam_kwargs)
-        optimizer.add_param_group({"params": no_decay, "weight_decay": 0.0})
+        optimizer.add_param_group(groups[1])
     else:
         optimizer = torch.optim.AdamW(groups, **adam_kwargs)
 

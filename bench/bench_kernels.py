@@ -190,12 +190,16 @@ def _bench(benchmark, *, op: str, provider: str, mode: str, shape: tuple, fn: Ca
         benchmark.extra_info["note"] = "TRITON_INTERPRET: checked, time not meaningful"
         benchmark.pedantic(run, rounds=1, iterations=1)
         return
+    _time(benchmark, launch, work)
+
+
+def _time(benchmark, launch: Callable, work: Callable[[float], dict]) -> None:
+    """Time launch() with a sync per call, then record throughput in extra_info: from device time on a GPU (and
+    wall time beside it), from wall time on a CPU."""
+    def run():
+        launch()
+        _sync()
     benchmark(run)
-    _record_throughput(benchmark, launch, work)
-
-
-def _record_throughput(benchmark, launch: Callable, work: Callable[[float], dict]) -> None:
-    """Throughput into extra_info: from device time on a GPU (and wall time beside it), from wall time on a CPU."""
     stats = getattr(benchmark, "stats", None)
     if stats is None or stats.stats.median <= 0:
         return
@@ -388,12 +392,7 @@ def test_ceiling_copy(benchmark, mode):
     benchmark.group = f"copy {mode}"
     benchmark.extra_info.update({"op": "ceiling_copy", "provider": "torch", "mode": mode, "shape": str((n,)),
                                  "dtype": "float16", "device": DEVICE, "peak_mem_mb": None})
-
-    def run():
-        dst.copy_(src)
-        _sync()
-    benchmark(run)
-    _record_throughput(benchmark, lambda: dst.copy_(src), _gbps(2 * n * src.element_size()))
+    _time(benchmark, lambda: dst.copy_(src), _gbps(2 * n * src.element_size()))
 
 
 @pytest.mark.parametrize("mode", ["fwd"])
@@ -406,9 +405,4 @@ def test_ceiling_matmul(benchmark, mode):
     benchmark.group = f"matmul {mode}"
     benchmark.extra_info.update({"op": "ceiling_matmul", "provider": "torch", "mode": mode, "shape": str((n, n, n)),
                                  "dtype": str(DTYPE).removeprefix("torch."), "device": DEVICE, "peak_mem_mb": None})
-
-    def run():
-        torch.mm(a, b)
-        _sync()
-    benchmark(run)
-    _record_throughput(benchmark, lambda: torch.mm(a, b), lambda sec: {"tflops": 2 * n**3 / sec / 1e12})
+    _time(benchmark, lambda: torch.mm(a, b), lambda sec: {"tflops": 2 * n**3 / sec / 1e12})

@@ -22,7 +22,7 @@ import torch
 
 from geb.config import preset
 from geb.model import GEB
-from train import gpu_peak_flops
+from train import gpu_peak_flops, param_groups
 
 
 def measured_matmul_flops(device: torch.device) -> float:
@@ -52,9 +52,7 @@ def measure(preset_name: str, impl: str, compile_model: bool, batch_size: int, s
     config = preset(preset_name, dropout=0.0)
     seq_len = seq_len or config.max_seq_len
     model = GEB(config, impl=impl).to(device)
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=True)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), fused=True)
     step_model = torch.compile(model) if compile_model else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     # A fixed pool of random batches: real-looking token ids at no data-loading cost.

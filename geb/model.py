@@ -187,7 +187,7 @@ class GEB(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (forward + backward): 6 per weight of every matrix product, the LM head
-        included and the embedding lookup not, plus causal attention's 6 * n_layers * seq_len * d_model."""
+        included and the embedding lookup not, plus causal attention's 6 * n_layers * seq_len * n_heads * head_dim."""
         matmul_weights = self.num_params()["non_embedding"] + self.lm_head.weight.numel()
         return 6 * matmul_weights + 6 * self.config.n_layers * seq_len * self.config.n_heads * self.config.head_dim
 
