@@ -1,9 +1,13 @@
-"""CPU weight formats for inference: every nn.Linear (LM head included) as oneDNN-packed fp32 or int8.
+"""CPU weight formats for inference: every nn.Linear (LM head included) as fp32 for batch-1 decoding, or int8.
 
-fp32 (`pack_fp32`): the weights reordered once into oneDNN's blocked layout. At batch 1 a linear layer is a
-matrix-vector product bound by reading its weights; oneDNN's kernel on the packed layout reads them faster than
-MKL's sgemm on the plain layout (27 vs 20 GB/s per 2048x5632 matrix on our 2-core CPU; BENCHMARKS.md), and the
-values are the same up to summation order.
+At batch 1 a linear layer is a matrix-vector product bound by reading its weights. fp32 (`pack_fp32`), the first
+that this machine has:
+- "gemv": geb's own AVX2 kernel (geb/gemv.cpp, built on first use and cached by torch.utils.cpp_extension) on the
+  weights as they are. It streams them faster than oneDNN and MKL on our 2-core CPU (BENCHMARKS.md).
+- "onednn": the weights reordered once into oneDNN's blocked layout, whose kernel beats MKL's sgemm on the plain
+  layout (27 vs 20 GB/s per 2048x5632 matrix here).
+- "plain": nn.Linear untouched (MKL).
+The values are the same up to summation order.
 
 Int8 methods (measured on our CPU; see BENCHMARKS.md "CPU decode"):
 - "fbgemm" (default): dynamic int8 on PyTorch's quantized CPU kernels (FBGEMM, the kernels behind
@@ -17,9 +21,11 @@ torchao (0.18) was measured too and was slower than all but "woq" here; it is no
 The embedding stays fp32: a lookup reads one row per token, quantizing it saves memory, not time.
 """
 
+import functools
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -39,6 +45,7 @@ _LOCK = threading.Lock()
 _LIB = torch.library.Library("geb", "FRAGMENT")
 _LIB.define("linear_int8_dynamic(Tensor x, int handle, int out_features) -> Tensor")
 _LIB.define("linear_onednn(Tensor x, int handle, int out_features) -> Tensor")
+_LIB.define("linear_f32(Tensor x, Tensor weight, Tensor? bias) -> Tensor")  # CPU kernel: geb/gemv.cpp
 
 
 def _linear_int8_dynamic(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
@@ -60,11 +67,52 @@ for _name, _kernel in (("linear_int8_dynamic", _linear_int8_dynamic), ("linear_o
     torch.library.register_fake(f"geb::{_name}", _linear_fake, lib=_LIB)
 
 
+@torch.library.register_fake("geb::linear_f32", lib=_LIB)
+def _linear_f32_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@functools.cache
+def load_gemv() -> bool:
+    """Build (first call; torch caches the build by source) and load geb's AVX2 fp32 matrix-vector kernel; False,
+    with a warning if the build failed, where it cannot run."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    from torch.utils.cpp_extension import load
+
+    source = Path(__file__).with_name("gemv.cpp")
+    try:
+        # -mavx2 -mfma, not -march=native: a build cached in a shared home directory must run on any AVX2 machine.
+        load("geb_gemv", [str(source)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+             extra_ldflags=["-fopenmp"], is_python_module=False)
+    except (OSError, RuntimeError, ImportError) as e:  # no compiler or ninja, or a failed build
+        warnings.warn(f"could not build {source} ({type(e).__name__}: {e}); fp32 decoding falls back to oneDNN or "
+                      "MKL. It needs a C++ compiler and ninja (pip install ninja).", stacklevel=2)
+        return False
+    return True
+
+
 def _keep(packed) -> int:
     """Store a packed weight for the operators; its handle."""
     with _LOCK:  # layers are packed from several threads
         _PACKED.append(packed)
         return len(_PACKED) - 1
+
+
+class F32Linear(nn.Module):
+    """fp32 linear on geb's AVX2 matrix-vector kernel at batch 1 (at::linear otherwise), the weight as it is."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.register_buffer("weight", linear.weight.detach().float().contiguous())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.geb.linear_f32(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp32 (geb AVX2 kernel)"
 
 
 class PackedLinear(nn.Module):
@@ -145,28 +193,31 @@ def _replace_linears(module: nn.Module, make) -> int:
     return len(sites)
 
 
-def pack_fp32(model: nn.Module) -> bool:
-    """Reorder every fp32 nn.Linear's weight into oneDNN's layout, in place; False (model untouched) without
-    oneDNN."""
+def pack_fp32(model: nn.Module) -> str:
+    """Convert every nn.Linear for fp32 batch-1 decoding, in place; the format used: "gemv" (geb's kernel), "onednn"
+    or "plain" (model untouched)."""
+    if load_gemv():
+        _replace_linears(model, F32Linear)
+        return "gemv"
     if not torch.backends.mkldnn.is_available():
-        return False
+        return "plain"
     try:
         PackedLinear(nn.Linear(8, 8))
     except (AttributeError, RuntimeError, NotImplementedError):  # a build without these (private) ops
-        return False
+        return "plain"
     _replace_linears(model, PackedLinear)
-    return True
+    return "onednn"
 
 
 def convert_for_cpu(model: GEB, quant: str = "none") -> str:
     """Fuse the model's q/k/v and gate/up projections, then convert every linear layer for CPU decoding: "none"
-    packs fp32 weights for oneDNN (where available), "int8" quantizes them; the weight format used."""
+    keeps fp32 (`pack_fp32`), "int8" quantizes; the weight format used."""
     if quant not in ("none", "int8"):
         raise ValueError(f"quant must be 'none' or 'int8', got {quant!r}")
     model.fuse_projections()
     if quant == "int8":
         return quantize_int8(model)
-    return "onednn" if pack_fp32(model) else "plain"
+    return pack_fp32(model)
 
 
 def quantize_ao(model: nn.Module) -> int:

@@ -173,28 +173,56 @@ def test_int8_logits_close_to_fp32(trained, method):
     assert len(list(Generator(q).generate(idx[0].tolist(), 5, temperature=0.0))) == 5
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_fused_packed_fp32_matches_plain(trained, pack, monkeypatch):
+@pytest.mark.parametrize("weights", ["plain", "onednn", "gemv"])
+def test_fused_fp32_formats_match_plain(trained, weights, monkeypatch):
     model, tok = trained
     idx = torch.tensor([tok.encode("Thunder and lightning. Enter three Witches. 新华社北京电")[:48]])
-    packed = copy.deepcopy(model)
-    if not pack:  # fusion alone: what a torch build without oneDNN gets
-        monkeypatch.setattr("geb.quant.pack_fp32", lambda m: False)
-    fmt = convert_for_cpu(packed, "none")
-    if pack and fmt != "onednn":
-        pytest.skip("this torch build has no oneDNN")
-    assert all(layer.self_attn.qkv_proj is not None and layer.mlp.gate_up_proj is not None for layer in packed.layers)
-    linears = [m for m in packed.modules() if isinstance(m, torch.nn.Linear)]
-    assert len(linears) == (0 if pack else 4 * len(packed.layers) + 1), "every linear, LM head included"
+    converted = copy.deepcopy(model)
+    if weights != "gemv":  # what a machine without a C++ compiler (and, for "plain", without oneDNN) gets
+        monkeypatch.setattr("geb.quant.load_gemv", lambda: False)
+    if weights == "plain":
+        monkeypatch.setattr("torch.backends.mkldnn.is_available", lambda: False)
+    fmt = convert_for_cpu(converted, "none")
+    if fmt != weights:
+        pytest.skip(f"this machine cannot run {weights} weights")
+    assert all(layer.self_attn.qkv_proj is not None and layer.mlp.gate_up_proj is not None
+               for layer in converted.layers)
+    linears = [m for m in converted.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == (4 * len(converted.layers) + 1 if weights == "plain" else 0), "every linear, LM head"
     with torch.no_grad():
         ref64, _ = copy.deepcopy(model).double()(idx)
         plain, _ = model(idx)
-        got, _ = packed(idx)  # a 48-token prefill: the batch-1 layout serves longer inputs too
+        got, _ = converted(idx)  # a 48-token prefill: the batch-1 formats serve longer inputs too
     # Same values up to summation order: within twice plain fp32's own error against fp64.
     assert (got.double() - ref64).abs().max() <= 2 * (plain.double() - ref64).abs().max() + 1e-6
     prompt = idx[0, :8].tolist()
-    assert list(Generator(packed).generate(prompt, 30, temperature=0.0)) == \
+    assert list(Generator(converted).generate(prompt, 30, temperature=0.0)) == \
         list(Generator(model).generate(prompt, 30, temperature=0.0))
+
+
+def test_gemv_kernel_against_fp64():
+    """geb/gemv.cpp on odd shapes (row counts not a multiple of 4, lengths not a multiple of 16), with and without
+    bias, one row (its kernel) and several (at::linear), against fp64."""
+    import shutil
+
+    from geb.quant import load_gemv
+
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or shutil.which("c++") is None:
+        pytest.skip("geb's kernel needs an AVX2 CPU and a C++ compiler")
+    assert load_gemv(), "geb/gemv.cpp failed to build (see the warning)"
+    torch.manual_seed(3)
+    for n, k in [(1, 1), (3, 5), (4, 16), (7, 17), (13, 47), (130, 300), (515, 2048), (2051, 96)]:
+        w, b = torch.randn(n, k), torch.randn(n)
+        for x in (torch.randn(k), torch.randn(1, 1, k), torch.randn(2, 3, k), torch.randn(k, 2).t()[:1]):
+            for bias in (None, b):
+                got = torch.ops.geb.linear_f32(x, w, bias)
+                ref = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+                assert got.shape == ref.shape and got.dtype == torch.float32
+                # fp32 rounding of a k-term dot product: within a few ulps of its magnitude.
+                tol = 4 * k ** 0.5 * torch.finfo(torch.float32).eps * (x.abs().double() @ w.abs().double().t()).max()
+                assert (got.double() - ref).abs().max() <= tol, (n, k, tuple(x.shape))
+    with pytest.raises(RuntimeError, match="last dimension must be 16"):
+        torch.ops.geb.linear_f32(torch.randn(1, 15), torch.randn(4, 16), None)
 
 
 def test_stream_decoder_equals_one_shot(trained):
@@ -209,7 +237,7 @@ def test_stream_decoder_equals_one_shot(trained):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights", ["plain", "onednn", "fbgemm"])
+@pytest.mark.parametrize("weights", ["plain", "gemv", "fbgemm"])
 def test_compiled_equals_eager_without_recompiles(weights):
     import torch._dynamo
 
