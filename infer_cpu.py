@@ -51,7 +51,7 @@ def random_model(preset_name: str, seed: int = 0):
 
 
 def prepare(model, quant: str, compile: bool, cache_len: int, compile_mode: str | None):
-    """Fuse projections and convert the linear layers' weights (int8, or fp32 packed for oneDNN), then build the
+    """Fuse projections and convert the linear layers' weights (int8, or fp32 for batch-1 decoding), then build the
     Generator (its decode step compiled lazily on first use); also the weight format used and the seconds spent."""
     from geb.generate import Generator
     from geb.quant import convert_for_cpu
@@ -175,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     p.add_argument("--quant", choices=("none", "int8"), default="none",
-                   help="weights of every linear layer: none = fp32 (oneDNN-packed), int8 = dynamic int8")
+                   help="weights of every linear layer: none = fp32 (geb AVX2 kernel), int8 = dynamic int8")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
     p.add_argument("--bench", action="store_true", help="time a random-init --preset model; print one JSON line")

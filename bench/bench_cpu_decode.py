@@ -1,5 +1,5 @@
 """CPU decode, side by side on the same weights: geb (fp32 as trained, then as infer_cpu.py runs it: q/k/v and
-gate/up fused, weights oneDNN-packed or int8), Hugging Face transformers (fp32 / quantize_dynamic int8) and
+gate/up fused, fp32 on geb's AVX2 kernel or int8), Hugging Face transformers (fp32 / quantize_dynamic int8) and
 llama.cpp (llama-cpp-python, F32 / Q8_0 GGUF). Engines that are not installed are skipped. Batch 1, greedy.
 
 The host's memory bandwidth drifts by ±20% from minute to minute, so the engines of one precision are loaded
@@ -130,7 +130,8 @@ def test_cpu_decode_side_by_side(tmp_path):
                 model = load_hf(hf_dir, impl="torch").eval()
             gen, fmt, _ = infer_cpu.prepare(model, "none" if weights == "fp32" else "int8", COMPILE,
                                             PROMPT_TOKENS + TOKENS, None)
-            label = {"onednn": "fp32 (fused, oneDNN-packed)", "plain": "fp32 (fused, MKL)"}.get(fmt)
+            label = {"gemv": "fp32 (fused, geb AVX2 kernel)", "onednn": "fp32 (fused, oneDNN-packed)",
+                     "plain": "fp32 (fused, MKL)"}.get(fmt)
             label = label or f"int8 (fused, {fmt})"
             engines[(geb_kind, label)] = geb_engine(gen, prompt, TOKENS)
             if transformers is not None:
