@@ -104,6 +104,8 @@ class F32Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
+        if not load_gemv():
+            raise RuntimeError("F32Linear needs geb/gemv.cpp built: an AVX2 CPU, a C++ compiler and ninja")
         self.register_buffer("weight", linear.weight.detach().float().contiguous())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         self.in_features, self.out_features = linear.in_features, linear.out_features
