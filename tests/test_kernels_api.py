@@ -39,6 +39,7 @@ def test_flash_attn_bad_calls(impl):
         kernels.flash_attn_func(q, k.to("meta"), v, impl=impl)
 
 
+@pytest.mark.interpreter
 def test_flash_attn_unsupported_head_dim_names_it():
     q, k, v = _qkv(d=288)
     with pytest.raises(ValueError, match="head dim"):
@@ -46,6 +47,7 @@ def test_flash_attn_unsupported_head_dim_names_it():
     assert kernels.flash_attn_func(q, k, v, impl="torch").shape == q.shape  # the reference has no limit
 
 
+@pytest.mark.interpreter
 def test_triton_dtype_checks():
     with pytest.raises(ValueError, match="q.dtype"):
         kernels.flash_attn_func(*_qkv(dtype=torch.float64), impl="triton")

@@ -7,6 +7,9 @@ from kernel_check import assert_rule, check_op, poisoned_outputs
 import kernels
 from kernels import reference
 
+# This module's non-`gpu` tests run Triton on CPU tensors, which needs the interpreter (see conftest.py).
+pytestmark = pytest.mark.interpreter
+
 
 def _triton(causal, scale):
     return lambda q, k, v: kernels.flash_attn_func(q, k, v, causal=causal, softmax_scale=scale, impl="triton")

@@ -7,6 +7,9 @@ from kernel_check import assert_rule
 
 import kernels
 
+# This module's non-`gpu` tests run Triton on CPU tensors, which needs the interpreter (see conftest.py).
+pytestmark = pytest.mark.interpreter
+
 
 def _block(x, w, gate_w, up_w, cos, sin, impl):
     """A miniature transformer block through every kernel: norm, rotary, GQA attention, SwiGLU."""

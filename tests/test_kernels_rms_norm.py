@@ -7,6 +7,9 @@ from kernel_check import check_op
 import kernels
 from kernels import reference
 
+# This module's non-`gpu` tests run Triton on CPU tensors, which needs the interpreter (see conftest.py).
+pytestmark = pytest.mark.interpreter
+
 
 def _triton(eps):
     return lambda x, w: kernels.rms_norm(x, w, eps, impl="triton")

@@ -7,6 +7,9 @@ from kernel_check import check_op
 import kernels
 from kernels import reference
 
+# This module's non-`gpu` tests run Triton on CPU tensors, which needs the interpreter (see conftest.py).
+pytestmark = pytest.mark.interpreter
+
 
 def _cos_sin(t: int, d: int, start: int = 0, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 tables of shape (T, D // 2) for positions start .. start + T - 1 (start > 0: decoding with a cache)."""

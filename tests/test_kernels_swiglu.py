@@ -7,6 +7,9 @@ from kernel_check import check_op
 import kernels
 from kernels import reference
 
+# This module's non-`gpu` tests run Triton on CPU tensors, which needs the interpreter (see conftest.py).
+pytestmark = pytest.mark.interpreter
+
 
 def _triton(gate, up):
     return kernels.swiglu(gate, up, impl="triton")

@@ -10,6 +10,9 @@ from kernel_check import assert_rule, poisoned_outputs
 from geb.config import preset
 from geb.model import GEB
 
+# This module's non-`gpu` tests run Triton on CPU tensors, which needs the interpreter (see conftest.py).
+pytestmark = pytest.mark.interpreter
+
 
 def _config(**overrides):
     # head dim 16, GQA group of 2, FFN and vocab not powers of two: small enough for the interpreter.

@@ -25,6 +25,10 @@ def data_dir(tmp_path_factory) -> Path:
     return out
 
 
+# The runs are CPU tests (gloo, fp32) even on a GPU machine, where two ranks would otherwise share one GPU.
+CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
 def train(data_dir: Path, out: Path, *extra: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
     """Run train.py (under torchrun when nproc > 1) and return the finished process."""
     args = ["--data", str(data_dir), "--out", str(out), "--batch-size", "2", "--seq-len", "32", "--log-every", "1",
@@ -33,8 +37,7 @@ def train(data_dir: Path, out: Path, *extra: str, nproc: int = 1, check: bool = 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
     else:
         cmd = [sys.executable, "train.py"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, env=CPU_ENV, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -88,7 +91,7 @@ def test_sigterm_saves_and_exits_zero(data_dir, tmp_path):
     args = ["--data", str(data_dir), "--out", str(out), "--batch-size", "2", "--seq-len", "32", "--log-every", "1",
             "--max-steps", "100000", "--save-every", "100000", "--eval-every", "100000", *TINY]
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.PIPE, text=True, env=CPU_ENV)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
         time.sleep(0.2)
