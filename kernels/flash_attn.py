@@ -49,6 +49,39 @@ def _prune(configs, named_args, **kwargs):
 _AUTOTUNE_KEY = ["T_Q_BUCKET", "T_K_BUCKET", "BLOCK_D", "CAUSAL"]
 
 
+@triton.jit
+def _query_block(i_m, i_bh, T_Q, T_K, H_Q, N_REP, HEAD_DIM,
+                 CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A query-block program's batch, query head and KV head, its row and head-dim offsets and masks, and the end
+    of the keys it sees (the forward and dQ kernels share this)."""
+    i_b = i_bh // H_Q
+    i_hq = i_bh % H_Q
+    i_hk = i_hq // N_REP
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    hi = T_K
+    if CAUSAL:
+        # Key blocks past the last key this query block can see (bottom-right alignment) are skipped entirely.
+        hi = tl.minimum(T_K, (i_m + 1) * BLOCK_M + T_K - T_Q)
+    return i_b, i_hq, i_hk, o_m, o_d, o_m < T_Q, o_d < HEAD_DIM, hi
+
+
+@triton.jit
+def _key_block_scores(b_q, p_k, p_v, start_n, o_m, m_m, m_d, stride_kt, stride_vt, T_Q, T_K, scale_log2,
+                      CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block's k and v, the query block's scores against it (scaled, base 2) and which of them count:
+    query i sees keys j <= i + T_K - T_Q."""
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    m_n = o_n < T_K
+    b_k = tl.load(p_k + o_n[:, None] * stride_kt, mask=m_n[:, None] & m_d[None, :], other=0.0)
+    b_v = tl.load(p_v + o_n[:, None] * stride_vt, mask=m_n[:, None] & m_d[None, :], other=0.0)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale_log2
+    m_s = m_m[:, None] & m_n[None, :]
+    if CAUSAL:
+        m_s = m_s & (o_n[None, :] <= o_m[:, None] + T_K - T_Q)
+    return b_k, b_v, b_s, m_s
+
+
 @triton.autotune(
     configs=_configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)]),
     key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
@@ -67,15 +100,8 @@ def _attn_fwd_kernel(
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_b = i_bh // H_Q
-    i_hq = i_bh % H_Q
-    i_hk = i_hq // N_REP
-
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
-    m_m = o_m < T_Q
-    m_d = o_d < HEAD_DIM
-
+    i_b, i_hq, i_hk, o_m, o_d, m_m, m_d, hi = _query_block(i_m, i_bh, T_Q, T_K, H_Q, N_REP, HEAD_DIM,
+                                                           CAUSAL, BLOCK_D, BLOCK_M)
     p_q = q + i_b * stride_qb + i_hq * stride_qh + o_m[:, None] * stride_qt + o_d[None, :]
     b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
     p_k = k + i_b * stride_kb + i_hk * stride_kh + o_d[None, :]
@@ -86,20 +112,9 @@ def _attn_fwd_kernel(
     b_den = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    offset = T_K - T_Q  # bottom-right alignment: query i sees keys <= i + offset
-    hi = T_K
-    if CAUSAL:
-        # Key blocks past the last key this query block can see are skipped entirely.
-        hi = tl.minimum(T_K, (i_m + 1) * BLOCK_M + offset)
     for start_n in range(0, hi, BLOCK_N):
-        o_n = start_n + tl.arange(0, BLOCK_N)
-        m_n = o_n < T_K
-        b_k = tl.load(p_k + o_n[:, None] * stride_kt, mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_v = tl.load(p_v + o_n[:, None] * stride_vt, mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale_log2
-        m_s = m_m[:, None] & m_n[None, :]
-        if CAUSAL:
-            m_s = m_s & (o_n[None, :] <= o_m[:, None] + offset)
+        b_k, b_v, b_s, m_s = _key_block_scores(b_q, p_k, p_v, start_n, o_m, m_m, m_d, stride_kt, stride_vt, T_Q,
+                                               T_K, scale_log2, CAUSAL, DOT_PRECISION, BLOCK_N)
         b_s = tl.where(m_s, b_s, float("-inf"))
         b_max_new = tl.maximum(b_max, tl.max(b_s, 1))
         # A row that has seen only masked keys keeps max -inf; subtract 0 there so exp2 gives 0, not NaN.
@@ -236,16 +251,9 @@ def _attn_bwd_dq_kernel(
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_b = i_bh // H_Q
-    i_hq = i_bh % H_Q
-    i_hk = i_hq // N_REP
-
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
-    m_m = o_m < T_Q
-    m_d = o_d < HEAD_DIM
+    i_b, i_hq, i_hk, o_m, o_d, m_m, m_d, hi = _query_block(i_m, i_bh, T_Q, T_K, H_Q, N_REP, HEAD_DIM,
+                                                           CAUSAL, BLOCK_D, BLOCK_M)
     m_md = m_m[:, None] & m_d[None, :]
-
     p_q = q + i_b * stride_qb + i_hq * stride_qh + o_m[:, None] * stride_qt + o_d[None, :]
     b_q = tl.load(p_q, mask=m_md, other=0.0)
     b_do = tl.load(do + i_b * stride_dob + i_hq * stride_doh + o_m[:, None] * stride_dot + o_d[None, :], mask=m_md,
@@ -256,19 +264,9 @@ def _attn_bwd_dq_kernel(
     p_k = k + i_b * stride_kb + i_hk * stride_kh + o_d[None, :]
     p_v = v + i_b * stride_vb + i_hk * stride_vh + o_d[None, :]
 
-    offset = T_K - T_Q
-    hi = T_K
-    if CAUSAL:
-        hi = tl.minimum(T_K, (i_m + 1) * BLOCK_M + offset)
     for start_n in range(0, hi, BLOCK_N):
-        o_n = start_n + tl.arange(0, BLOCK_N)
-        m_n = o_n < T_K
-        b_k = tl.load(p_k + o_n[:, None] * stride_kt, mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_v = tl.load(p_v + o_n[:, None] * stride_vt, mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale_log2
-        m_s = m_m[:, None] & m_n[None, :]
-        if CAUSAL:
-            m_s = m_s & (o_n[None, :] <= o_m[:, None] + offset)
+        b_k, b_v, b_s, m_s = _key_block_scores(b_q, p_k, p_v, start_n, o_m, m_m, m_d, stride_kt, stride_vt, T_Q,
+                                               T_K, scale_log2, CAUSAL, DOT_PRECISION, BLOCK_N)
         b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
         b_ds = b_p * (b_dp - b_delta[:, None])
