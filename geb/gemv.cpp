@@ -1,6 +1,7 @@
 // geb::linear_f32: fp32 linear layer for CPU decoding. At batch 1 it is a matrix-vector product bound by how fast the
 // weights stream from memory; this AVX2 kernel streams them faster than oneDNN's and MKL's here (BENCHMARKS.md).
-// Other shapes go to at::linear. The schema and the fake kernel are defined in geb/quant.py, which builds this file.
+// A few input rows (a prompt) go through a small tiled kernel that reads each weight row once for all of them;
+// more than kMaxTiledInputs go to at::linear. The schema and the fake kernel are in geb/quant.py, which builds this.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -8,7 +9,9 @@
 
 namespace {
 
-constexpr int64_t kRows = 4;  // rows at a time: each load of x serves four weight rows
+constexpr int64_t kRows = 4;  // weight rows at a time: each load of x serves four of them
+constexpr int kInputs = 3;  // input rows a tile: 4 x 3 accumulators + 3 inputs + 1 weight = the 16 AVX registers
+constexpr int64_t kMaxTiledInputs = 64;  // at 256 input rows MKL was as fast as the tiles (BENCHMARKS.md)
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -45,13 +48,58 @@ void gemv_rows(const float* w, const float* x, float* y, int64_t begin, int64_t 
   }
 }
 
+// y[m + i, n + r] = x[m + i, :] . w[n + r, :] for r < kRows, i < I; x is M x K, w N x K, y M x N, row-major.
+template <int I>
+void tile(const float* w, const float* x, float* y, int64_t n, int64_t m, int64_t N, int64_t K) {
+  const float* p_w = w + n * K;
+  const float* p_x = x + m * K;
+  __m256 b_acc[kRows][I];
+  for (int r = 0; r < kRows; r++)
+    for (int i = 0; i < I; i++) b_acc[r][i] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 b_x[I];
+    for (int i = 0; i < I; i++) b_x[i] = _mm256_loadu_ps(p_x + i * K + k);
+    for (int r = 0; r < kRows; r++) {
+      const __m256 b_w = _mm256_loadu_ps(p_w + r * K + k);
+      for (int i = 0; i < I; i++) b_acc[r][i] = _mm256_fmadd_ps(b_w, b_x[i], b_acc[r][i]);
+    }
+  }
+  for (int r = 0; r < kRows; r++) {
+    for (int i = 0; i < I; i++) {
+      float s = hsum(b_acc[r][i]);
+      for (int64_t j = k; j < K; j++) s += p_w[r * K + j] * p_x[i * K + j];
+      y[(m + i) * N + n + r] = s;
+    }
+  }
+}
+
+// y = x w^T for M input rows: each thread takes blocks of kRows weight rows and runs all inputs past each block.
+void gemm_small(const float* w, const float* x, float* y, int64_t M, int64_t N, int64_t K) {
+  at::parallel_for(0, N / kRows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; g++) {
+      int64_t m = 0;
+      for (; m + kInputs <= M; m += kInputs) tile<kInputs>(w, x, y, g * kRows, m, N, K);
+      for (; m < M; m++) tile<1>(w, x, y, g * kRows, m, N, K);
+    }
+  });
+  for (int64_t n = N / kRows * kRows; n < N; n++) {  // the last N % 4 weight rows
+    for (int64_t m = 0; m < M; m++) {
+      float s = 0.f;
+      for (int64_t j = 0; j < K; j++) s += w[n * K + j] * x[m * K + j];
+      y[m * N + n] = s;
+    }
+  }
+}
+
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous(),
               "geb::linear_f32: weight must be a contiguous 2-D float32 tensor, got ", weight.sizes(), " ",
               weight.scalar_type());
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "geb::linear_f32: x's last dimension must be ", K, ", got ", x.sizes());
-  if (x.scalar_type() != at::kFloat || x.numel() != K) return at::linear(x, weight, bias);
+  const int64_t M = K > 0 ? x.numel() / K : 0;
+  if (x.scalar_type() != at::kFloat || M == 0 || M > kMaxTiledInputs) return at::linear(x, weight, bias);
   const at::Tensor x_c = x.contiguous();
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
@@ -59,10 +107,14 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const std::
   const float* p_x = x_c.data_ptr<float>();
   const float* p_w = weight.data_ptr<float>();
   float* p_y = y.data_ptr<float>();
-  // Contiguous blocks of rows per thread; multiples of kRows so only the last block has a scalar tail.
-  at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
-    gemv_rows(p_w, p_x, p_y, begin * kRows, std::min(end * kRows, N), K);
-  });
+  if (M > 1) {
+    gemm_small(p_w, p_x, p_y, M, N, K);
+  } else {
+    // Contiguous blocks of rows per thread; multiples of kRows so only the last block has a scalar tail.
+    at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
+      gemv_rows(p_w, p_x, p_y, begin * kRows, std::min(end * kRows, N), K);
+    });
+  }
   if (bias.has_value() && bias->defined()) y.add_(*bias);
   return y;
 }

@@ -202,7 +202,8 @@ def test_fused_fp32_formats_match_plain(trained, weights, monkeypatch):
 
 def test_gemv_kernel_against_fp64():
     """geb/gemv.cpp on odd shapes (row counts not a multiple of 4, lengths not a multiple of 16), with and without
-    bias, one row (its kernel) and several (at::linear), against fp64."""
+    bias: one input row (the matrix-vector kernel), 2-64 rows (the tiled kernel, input counts not a multiple of its
+    3) and 65 (at::linear), contiguous or not, against fp64."""
     import shutil
 
     from geb.quant import load_gemv
@@ -213,7 +214,9 @@ def test_gemv_kernel_against_fp64():
     torch.manual_seed(3)
     for n, k in [(1, 1), (3, 5), (4, 16), (7, 17), (13, 47), (130, 300), (515, 2048), (2051, 96)]:
         w, b = torch.randn(n, k), torch.randn(n)
-        for x in (torch.randn(k), torch.randn(1, 1, k), torch.randn(2, 3, k), torch.randn(k, 2).t()[:1]):
+        inputs = (torch.randn(k), torch.randn(1, 1, k), torch.randn(k, 2).t()[:1], torch.randn(2, k),
+                  torch.randn(2, 2, k), torch.randn(k, 7).t(), torch.randn(1, 64, k), torch.randn(65, k))
+        for x in inputs:
             for bias in (None, b):
                 got = torch.ops.geb.linear_f32(x, w, bias)
                 ref = x.double() @ w.double().t() + (0 if bias is None else bias.double())
