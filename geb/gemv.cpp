@@ -3,6 +3,7 @@
 // A few input rows (a prompt) go through a small tiled kernel that reads each weight row once for all of them;
 // more than kMaxTiledInputs go to at::linear. The schema and the fake kernel are in geb/quant.py, which builds this.
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 #include <immintrin.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -94,10 +95,16 @@ void gemm_small(const float* w, const float* x, float* y, int64_t M, int64_t N, 
 
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous(),
-              "geb::linear_f32: weight must be a contiguous 2-D float32 tensor, got ", weight.sizes(), " ",
-              weight.scalar_type());
+              "geb::linear_f32: weight must be a contiguous 2-D float32 tensor, got sizes ", weight.sizes(),
+              ", strides ", weight.strides(), ", ", weight.scalar_type());
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "geb::linear_f32: x's last dimension must be ", K, ", got ", x.sizes());
+  TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->dim() == 1 && bias->size(0) == N &&
+                                                        bias->scalar_type() == at::kFloat),
+              "geb::linear_f32: bias must be float32 of shape [", N, "], got ", bias->sizes(), " ",
+              bias->scalar_type());
+  TORCH_CHECK(!(at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad())),
+              "geb::linear_f32 is for inference and has no backward: call it under torch.no_grad()");
   const int64_t M = K > 0 ? x.numel() / K : 0;
   if (x.scalar_type() != at::kFloat || M == 0 || M > kMaxTiledInputs) return at::linear(x, weight, bias);
   const at::Tensor x_c = x.contiguous();

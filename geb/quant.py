@@ -24,6 +24,7 @@ The embedding stays fp32: a lookup reads one row per token, quantizing it saves 
 
 import functools
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -73,6 +74,22 @@ def _linear_f32_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def _clear_stale_build_lock(name: str, max_age_s: float = 600.0) -> None:
+    """Remove a torch extension build lock older than any real build: a killed build leaves one, and torch waits on
+    it forever."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private: the directory `load` builds in
+
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        age_s = time.time() - lock.stat().st_mtime
+    except (ImportError, OSError, TypeError):  # no lock (the usual case), or a torch without this helper
+        return
+    if age_s > max_age_s:
+        warnings.warn(f"removing {lock}: a build lock {age_s / 60:.0f} minutes old, left by a build that did not "
+                      "finish", stacklevel=3)
+        lock.unlink(missing_ok=True)
+
+
 @functools.cache
 def load_gemv() -> bool:
     """Build (first call; torch caches the build by source) and load geb's AVX2 fp32 matrix-vector kernel; False,
@@ -82,6 +99,7 @@ def load_gemv() -> bool:
     from torch.utils.cpp_extension import load
 
     source = Path(__file__).with_name("gemv.cpp")
+    _clear_stale_build_lock("geb_gemv")
     try:
         # -mavx2 -mfma, not -march=native: a build cached in a shared home directory must run on any AVX2 machine.
         load("geb_gemv", [str(source)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],

@@ -212,21 +212,60 @@ def test_gemv_kernel_against_fp64():
         pytest.skip("geb's kernel needs an AVX2 CPU and a C++ compiler")
     assert load_gemv(), "geb/gemv.cpp failed to build (see the warning)"
     torch.manual_seed(3)
-    for n, k in [(1, 1), (3, 5), (4, 16), (7, 17), (13, 47), (130, 300), (515, 2048), (2051, 96)]:
-        w, b = torch.randn(n, k), torch.randn(n)
-        inputs = (torch.randn(k), torch.randn(1, 1, k), torch.randn(k, 2).t()[:1], torch.randn(2, k),
-                  torch.randn(2, 2, k), torch.randn(k, 7).t(), torch.randn(1, 64, k), torch.randn(65, k))
-        for x in inputs:
-            for bias in (None, b):
-                got = torch.ops.geb.linear_f32(x, w, bias)
-                ref = x.double() @ w.double().t() + (0 if bias is None else bias.double())
-                assert got.shape == ref.shape and got.dtype == torch.float32
-                # fp32 rounding of a k-term dot product: within a few ulps of its magnitude.
-                tol = 4 * k ** 0.5 * torch.finfo(torch.float32).eps * (x.abs().double() @ w.abs().double().t()).max()
-                assert (got.double() - ref).abs().max() <= tol, (n, k, tuple(x.shape))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the module runs on one thread; the kernels split rows between threads
+    cases = [(1, 1), (3, 5), (4, 16), (7, 17), (13, 47), (130, 300), (515, 2048), (2051, 96)]
+    try:
+        for n, k in cases:
+            _check_linear_f32(n, k)
+    finally:
+        torch.set_num_threads(threads)
     with pytest.raises(RuntimeError, match="last dimension must be 16"):
         torch.ops.geb.linear_f32(torch.randn(1, 15), torch.randn(4, 16), None)
+    with pytest.raises(RuntimeError, match=r"bias must be float32 of shape \[4\]"):
+        torch.ops.geb.linear_f32(torch.randn(1, 16), torch.randn(4, 16), torch.randn(4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="no backward"):
+        torch.ops.geb.linear_f32(torch.randn(1, 16, requires_grad=True), torch.randn(4, 16), None)
 
+
+def _check_linear_f32(n: int, k: int) -> None:
+    """geb::linear_f32 with an n x k weight, with and without bias, on every input layout, against fp64."""
+    w, b = torch.randn(n, k), torch.randn(n)
+    inputs = (torch.randn(k), torch.randn(1, 1, k), torch.randn(k, 2).t()[:1], torch.randn(2, k),
+              torch.randn(2, 2, k), torch.randn(k, 7).t(), torch.randn(1, 64, k), torch.randn(65, k))
+    for x in inputs:
+        for bias in (None, b):
+            got = torch.ops.geb.linear_f32(x, w, bias)
+            ref = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+            assert got.shape == ref.shape and got.dtype == torch.float32
+            # fp32 rounding of a k-term dot product and of the bias: within a few ulps of their magnitude.
+            eps = torch.finfo(torch.float32).eps
+            tol = 4 * k ** 0.5 * eps * (x.abs().double() @ w.abs().double().t()).max() + eps * b.abs().max()
+            assert (got.double() - ref).abs().max() <= tol, (n, k, tuple(x.shape))
+
+
+
+def test_stale_build_lock_is_removed(tmp_path, monkeypatch):
+    """A lock left by a killed build of geb/gemv.cpp would make torch wait forever: an old one is removed, a fresh
+    one (a build in progress elsewhere) is kept."""
+    import os
+    import time
+
+    import torch.utils.cpp_extension
+
+    from geb.quant import _clear_stale_build_lock
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    lock = tmp_path / "lock"
+    lock.touch()
+    _clear_stale_build_lock("geb_gemv")
+    assert lock.exists()
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    with pytest.warns(UserWarning, match=f"removing {lock}: a build lock 60 minutes old"):
+        _clear_stale_build_lock("geb_gemv")
+    assert not lock.exists()
+    _clear_stale_build_lock("geb_gemv")  # no lock: nothing to do
 
 def test_stream_decoder_equals_one_shot(trained):
     model, tok = trained
