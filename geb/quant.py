@@ -23,6 +23,7 @@ The embedding stays fp32: a lookup reads one row per token, quantizing it saves 
 """
 
 import functools
+import sys
 import threading
 import time
 import warnings
@@ -74,15 +75,24 @@ def _linear_f32_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def _build_directory(name: str) -> Path | None:
+    """The directory torch.utils.cpp_extension.load builds extension `name` in; None if torch hides it."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private, but stable for years
+
+        return Path(_get_build_directory(name, verbose=False))
+    except (ImportError, OSError, TypeError):
+        return None
+
+
 def _clear_stale_build_lock(name: str, max_age_s: float = 600.0) -> None:
     """Remove a torch extension build lock older than any real build: a killed build leaves one, and torch waits on
     it forever."""
+    build_dir = _build_directory(name)
     try:
-        from torch.utils.cpp_extension import _get_build_directory  # private: the directory `load` builds in
-
-        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        lock = build_dir / "lock"
         age_s = time.time() - lock.stat().st_mtime
-    except (ImportError, OSError, TypeError):  # no lock (the usual case), or a torch without this helper
+    except (TypeError, OSError):  # no build directory known, or no lock (the usual case)
         return
     if age_s > max_age_s:
         warnings.warn(f"removing {lock}: a build lock {age_s / 60:.0f} minutes old, left by a build that did not "
@@ -100,6 +110,10 @@ def load_gemv() -> bool:
 
     source = Path(__file__).with_name("gemv.cpp")
     _clear_stale_build_lock("geb_gemv")
+    build_dir = _build_directory("geb_gemv")
+    if build_dir is not None and not any(build_dir.glob("*.so")):
+        print(f"[geb.quant] building {source.name} into {build_dir} (first use only, ~30 s)", file=sys.stderr,
+              flush=True)
     try:
         # -mavx2 -mfma, not -march=native: a build cached in a shared home directory must run on any AVX2 machine.
         load("geb_gemv", [str(source)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
