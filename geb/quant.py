@@ -132,8 +132,22 @@ def _keep(packed) -> int:
         return len(_PACKED) - 1
 
 
+@functools.cache
+def _onednn_plain_linear() -> bool:
+    """Whether oneDNN's linear runs here on a weight in the plain layout."""
+    try:
+        x, w = torch.ones(2, 8), torch.ones(4, 8)
+        return torch.backends.mkldnn.is_available() and torch.equal(
+            torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), x @ w.t())
+    except (AttributeError, RuntimeError, NotImplementedError):  # a build without this (private) op
+        return False
+
+
 class F32Linear(nn.Module):
-    """fp32 linear on geb's AVX2 matrix-vector kernel at batch 1 (at::linear otherwise), the weight as it is."""
+    """fp32 linear on geb's AVX2 kernels (geb/gemv.cpp) up to MAX_ROWS input rows, on oneDNN's GEMM beyond (where
+    available); the weight as it is."""
+
+    MAX_ROWS = 48  # a geb-1.3b prefill of 48 tokens was as fast as with oneDNN, 64 slower (BENCHMARKS.md)
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -142,12 +156,16 @@ class F32Linear(nn.Module):
         self.register_buffer("weight", linear.weight.detach().float().contiguous())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.onednn_long_prompts = _onednn_plain_linear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onednn_long_prompts and x.numel() > self.MAX_ROWS * self.in_features:
+            # A long prompt: oneDNN's GEMM reads the plain layout as fast as its own here, 1.5x MKL's (BENCHMARKS.md).
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
         return torch.ops.geb.linear_f32(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp32 (geb AVX2 kernel)"
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp32 (geb AVX2 kernels)"
 
 
 class PackedLinear(nn.Module):

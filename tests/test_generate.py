@@ -228,6 +228,26 @@ def test_gemv_kernel_against_fp64():
         torch.ops.geb.linear_f32(torch.randn(1, 16, requires_grad=True), torch.randn(4, 16), None)
 
 
+
+def test_f32_linear_short_and_long_prompts():
+    """F32Linear: up to MAX_ROWS input rows on geb's kernels, more on oneDNN's GEMM over the same plain weight; both
+    equal fp64 up to rounding, with and without bias."""
+    from geb.quant import F32Linear, load_gemv
+
+    if not load_gemv():
+        pytest.skip("geb's kernel cannot be built here")
+    torch.manual_seed(4)
+    for bias in (False, True):
+        linear = torch.nn.Linear(96, 70, bias=bias)
+        layer = F32Linear(linear)
+        assert layer.onednn_long_prompts == torch.backends.mkldnn.is_available()
+        for rows in (1, F32Linear.MAX_ROWS, F32Linear.MAX_ROWS + 1, 200):
+            x = torch.randn(1, rows, 96)
+            with torch.no_grad():
+                got, ref = layer(x), linear.double()(x.double())
+                linear.float()
+            assert got.shape == (1, rows, 70) and (got.double() - ref).abs().max() < 1e-4, rows
+
 def _check_linear_f32(n: int, k: int) -> None:
     """geb::linear_f32 with an n x k weight, with and without bias, on every input layout, against fp64."""
     w, b = torch.randn(n, k), torch.randn(n)
