@@ -4,7 +4,7 @@ At batch 1 a linear layer is a matrix-vector product bound by reading its weight
 that this machine has:
 - "gemv": geb's own AVX2 kernel (geb/gemv.cpp, built on first use and cached by torch.utils.cpp_extension) on the
   weights as they are. It streams them faster than oneDNN and MKL on our 2-core CPU (BENCHMARKS.md); prompts of
-  up to 64 tokens go through its register-tiled kernel, longer ones through MKL.
+  up to 48 tokens go through its register-tiled kernel, longer ones through oneDNN's GEMM on the same weights.
 - "onednn": the weights reordered once into oneDNN's blocked layout, whose kernel beats MKL's sgemm on the plain
   layout (27 vs 20 GB/s per 2048x5632 matrix here).
 - "plain": nn.Linear untouched (MKL).
