@@ -85,14 +85,13 @@ def _build_directory(name: str) -> Path | None:
         return None
 
 
-def _clear_stale_build_lock(name: str, max_age_s: float = 600.0) -> None:
+def _clear_stale_build_lock(build_dir: Path, max_age_s: float = 600.0) -> None:
     """Remove a torch extension build lock older than any real build: a killed build leaves one, and torch waits on
     it forever."""
-    build_dir = _build_directory(name)
+    lock = build_dir / "lock"
     try:
-        lock = build_dir / "lock"
         age_s = time.time() - lock.stat().st_mtime
-    except (TypeError, OSError):  # no build directory known, or no lock (the usual case)
+    except OSError:  # no lock: the usual case
         return
     if age_s > max_age_s:
         warnings.warn(f"removing {lock}: a build lock {age_s / 60:.0f} minutes old, left by a build that did not "
@@ -109,11 +108,12 @@ def load_gemv() -> bool:
     from torch.utils.cpp_extension import load
 
     source = Path(__file__).with_name("gemv.cpp")
-    _clear_stale_build_lock("geb_gemv")
     build_dir = _build_directory("geb_gemv")
-    if build_dir is not None and not any(build_dir.glob("*.so")):
-        print(f"[geb.quant] building {source.name} into {build_dir} (first use only, ~30 s)", file=sys.stderr,
-              flush=True)
+    if build_dir is not None:
+        _clear_stale_build_lock(build_dir)
+        if not any(build_dir.glob("*.so")):
+            print(f"[geb.quant] building {source.name} into {build_dir} (first use only, ~30 s)", file=sys.stderr,
+                  flush=True)
     try:
         # -mavx2 -mfma, not -march=native: a build cached in a shared home directory must run on any AVX2 machine.
         load("geb_gemv", [str(source)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],

@@ -339,15 +339,21 @@ def test_random_model_scores_at_chance(tok, tmp_path):
 # --- command line ----------------------------------------------------------------------------------------------
 
 
-def test_cli_run_dir(tok, tmp_path, capsys):
+def run_dir_and_text(tok, tmp_path: Path, step: int) -> tuple[Path, Path]:
+    """A training run dir (a tiny model's checkpoint at `step`, its tokenizer) and a small text file to score."""
     from geb.checkpoint import save_checkpoint
 
     run = tmp_path / "run"
     model = tiny_model(tok.vocab_size)
-    save_checkpoint(run, 7, {"model": model.state_dict(), "model_config": model.config.to_dict()})
+    save_checkpoint(run, step, {"model": model.state_dict(), "model_config": model.config.to_dict()})
     (run / "tokenizer.model").write_bytes(tok.path.read_bytes())
     text = tmp_path / "t.txt"
     text.write_text("the sun and the rain on the road. " * 10)
+    return run, text
+
+
+def test_cli_run_dir(tok, tmp_path, capsys):
+    run, text = run_dir_and_text(tok, tmp_path, 7)
     out = tmp_path / "res.json"
     ev.main(["--ckpt", str(run), "--tasks", "arc_easy", "lambada", "mmlu", "--text", str(text), "--out", str(out),
              "--task-data", str(FIXTURES), "--batch-size", "4"])
@@ -367,14 +373,7 @@ def test_cli_run_dir(tok, tmp_path, capsys):
 def test_cli_quant_int8_scores_the_int8_weights(tok, tmp_path):
     """--quant int8 evaluates the weights infer_cpu.py --quant int8 decodes with: close to, not equal to, fp32; its
     TensorBoard scalars go beside the model's own."""
-    from geb.checkpoint import save_checkpoint
-
-    run = tmp_path / "run"
-    model = tiny_model(tok.vocab_size)
-    save_checkpoint(run, 3, {"model": model.state_dict(), "model_config": model.config.to_dict()})
-    (run / "tokenizer.model").write_bytes(tok.path.read_bytes())
-    text = tmp_path / "t.txt"
-    text.write_text("the sun and the rain on the road. " * 10)
+    run, text = run_dir_and_text(tok, tmp_path, 3)
     res = {}
     for quant in ("none", "int8"):
         out = tmp_path / f"{quant}.json"

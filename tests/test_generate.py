@@ -265,27 +265,24 @@ def _check_linear_f32(n: int, k: int) -> None:
 
 
 
-def test_stale_build_lock_is_removed(tmp_path, monkeypatch):
+def test_stale_build_lock_is_removed(tmp_path):
     """A lock left by a killed build of geb/gemv.cpp would make torch wait forever: an old one is removed, a fresh
     one (a build in progress elsewhere) is kept."""
     import os
     import time
 
-    import torch.utils.cpp_extension
-
     from geb.quant import _clear_stale_build_lock
 
-    monkeypatch.setattr(torch.utils.cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
     lock = tmp_path / "lock"
     lock.touch()
-    _clear_stale_build_lock("geb_gemv")
+    _clear_stale_build_lock(tmp_path)
     assert lock.exists()
     an_hour_ago = time.time() - 3600
     os.utime(lock, (an_hour_ago, an_hour_ago))
     with pytest.warns(UserWarning, match=f"removing {lock}: a build lock 60 minutes old"):
-        _clear_stale_build_lock("geb_gemv")
+        _clear_stale_build_lock(tmp_path)
     assert not lock.exists()
-    _clear_stale_build_lock("geb_gemv")  # no lock: nothing to do
+    _clear_stale_build_lock(tmp_path)  # no lock: nothing to do
 
 def test_stream_decoder_equals_one_shot(trained):
     model, tok = trained
