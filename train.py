@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = GEB(model_config).to(device)
-    from geb.data import TokenLoader
+    from geb.loader import TokenLoader
     loader = TokenLoader(cfg.data, "train", seq_len, cfg.batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
                          model_vocab_size=model_config.vocab_size)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from geb.data import TokenLoader, iter_eval_windows, write_token_dir
+from geb.data import write_token_dir
+from geb.loader import TokenLoader, iter_eval_windows
 from geb.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +80,7 @@ def test_eval_windows_throughput(benchmark, data_dir):
 
 _STREAM = r"""
 import json, resource, sys, time
-from geb.data import TokenLoader
+from geb.loader import TokenLoader
 
 def status():
     with open("/proc/self/status") as f:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from geb.config import ModelConfig
-from geb.corpus import file_sha256
+from geb.files import file_sha256
 from geb.model import GEB
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")

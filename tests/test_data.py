@@ -14,17 +14,10 @@ import torch
 
 import geb.corpus
 import geb.data
-from geb.data import (
-    DataError,
-    TokenLoader,
-    iter_eval_windows,
-    main,
-    prepare,
-    read_manifest,
-    split_bytes,
-    token_dtype,
-    write_token_dir,
-)
+import geb.files
+import geb.loader
+from geb.data import DataError, main, prepare, write_token_dir
+from geb.loader import TokenLoader, iter_eval_windows, read_manifest, split_bytes, token_dtype
 from geb.tokenizer import Tokenizer, train_tokenizer
 
 CORPUS = Path(__file__).parent / "fixtures" / "corpus"
@@ -241,7 +234,7 @@ def test_missing_and_corrupt_manifest(copy):
     (copy / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match=r"manifest\.json: corrupt manifest"):
         read_manifest(copy)
-    (copy / "manifest.json").write_text(json.dumps({"format": geb.data.FORMAT}))
+    (copy / "manifest.json").write_text(json.dumps({"format": geb.loader.FORMAT}))
     with pytest.raises(DataError, match=r"manifest\.json: corrupt manifest \(missing or bad field"):
         read_manifest(copy)
     (copy / "manifest.json").unlink()
@@ -455,7 +448,7 @@ def test_many_shards_open_lazily_with_bounded_maps(tmp_path, tok_path, monkeypat
     t0 = time.perf_counter()
     ld = TokenLoader(tmp_path, "train", 8, 4)
     assert time.perf_counter() - t0 < 2.0 and not ld._shards._open
-    monkeypatch.setattr(geb.data, "_MAX_OPEN_SHARDS", 4)
+    monkeypatch.setattr(geb.loader, "_MAX_OPEN_SHARDS", 4)
     for _ in range(ld.steps_per_epoch):
         starts_of(next(ld))
         assert len(ld._shards._open) <= 5
@@ -474,7 +467,7 @@ def test_eval_windows_score_every_token_once(prepared, seq_len, batch_size):
         xs.append(x.flatten())
         ys.append(y.flatten())
     y = torch.cat(ys)
-    scored = y[y != geb.data.IGNORE_INDEX]
+    scored = y[y != geb.loader.IGNORE_INDEX]
     assert scored.tolist() == toks.tolist()  # every token exactly once, in order
     assert torch.cat(xs)[0] == m["tokenizer"]["eos_id"]
     assert split_bytes(m, "val", len(scored)) == m["splits"]["val"]["bytes"]
@@ -494,7 +487,7 @@ def test_eval_windows_ranks_partition(prepared):
 
 
 def _default_cached() -> bool:
-    return all((geb.corpus.cache_dir() / v[1]).exists() for v in geb.corpus.DEFAULT_PACKAGES.values())
+    return all((geb.files.cache_dir() / v[1]).exists() for v in geb.corpus.DEFAULT_PACKAGES.values())
 
 
 @pytest.mark.skipif(os.environ.get("GEB_TEST_NETWORK") != "1" and not _default_cached(),
@@ -539,7 +532,7 @@ def test_eval_windows_single_row_last_batch_keeps_inputs_valid(prepared):
 def test_fetch_pinned_uses_a_verified_cache_and_names_the_file_on_failure(tmp_path, monkeypatch):
     import hashlib
 
-    from geb.corpus import fetch_pinned
+    from geb.files import FetchError, fetch_pinned
 
     # No package index: any download fails at once.
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
@@ -551,6 +544,6 @@ def test_fetch_pinned_uses_a_verified_cache_and_names_the_file_on_failure(tmp_pa
     assert fetch_pinned("pkg==1.0", "pkg-1.0.tar.gz", sha, tmp_path) == tmp_path / "pkg-1.0.tar.gz"
 
     (tmp_path / "pkg-1.0.tar.gz").write_bytes(content[:-1])  # a damaged cached copy is fetched again
-    with pytest.raises(DataError, match=r"pkg-1\.0\.tar\.gz: `pip download pkg==1\.0` failed .*by hand"):
+    with pytest.raises(FetchError, match=r"pkg-1\.0\.tar\.gz: `pip download pkg==1\.0` failed .*by hand"):
         fetch_pinned("pkg==1.0", "pkg-1.0.tar.gz", sha, tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".download-")]

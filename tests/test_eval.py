@@ -131,7 +131,7 @@ def data_dir(tok, tmp_path_factory):
 
 
 def test_bpb_split_uniform_and_prorated(tok, data_dir):
-    from geb.data import read_manifest
+    from geb.loader import read_manifest
 
     m = read_manifest(data_dir)
     sp = m["splits"]["val"]
@@ -159,7 +159,7 @@ def test_bpb_ranks_add_up_to_one_pass(tok, data_dir, max_tokens):
 
 
 def read_split_tokens(data_dir) -> int:
-    from geb.data import read_manifest
+    from geb.loader import read_manifest
 
     return read_manifest(data_dir)["splits"]["val"]["tokens"]
 
