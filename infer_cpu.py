@@ -53,8 +53,8 @@ def random_model(preset_name: str, seed: int = 0):
 def prepare(model, quant: str, compile: bool, cache_len: int, compile_mode: str | None):
     """Fuse projections and convert the linear layers' weights (int8, or fp32 for batch-1 decoding), then build the
     Generator (its decode step compiled lazily on first use); also the weight format used and the seconds spent."""
+    from geb.cpu_linear import convert_for_cpu
     from geb.generate import Generator
-    from geb.quant import convert_for_cpu
 
     t0 = time.perf_counter()
     method = convert_for_cpu(model, quant)

@@ -13,11 +13,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from geb import eval as ev
+from geb import bpb, tasks
+from geb import eval as cli
 from geb.config import preset
 from geb.model import GEB
 from geb.tokenizer import Tokenizer, train_tokenizer
 
+ev = SimpleNamespace(**{**vars(bpb), **vars(tasks), **vars(cli)})  # interim: one namespace over the three modules
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 WORDS = ("the a sun rock light water plant seed tree river stone cloud rain snow wind fire cold warm big small red "
          "blue green apple bread milk house door road city ship boat bird fish horse cat dog run walk swim fly "

@@ -1,4 +1,4 @@
-"""geb.generate and geb.quant: KV-cache decoding equals full forwards, compiled equals eager, int8 stays close,
+"""geb.generate and geb.cpu_linear: KV-cache decoding equals full forwards, compiled equals eager, int8 stays close,
 sampling is reproducible, streaming decodes exactly, long prompts and the context limit are handled."""
 
 import copy
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from geb.config import ModelConfig
+from geb.cpu_linear import convert_for_cpu, quantize_int8
 from geb.generate import Generator, fit_prompt, sample
 from geb.model import GEB
-from geb.quant import convert_for_cpu, quantize_int8
 
 CORPUS = Path(__file__).parent / "fixtures" / "corpus"
 
@@ -179,7 +179,7 @@ def test_fused_fp32_formats_match_plain(trained, weights, monkeypatch):
     idx = torch.tensor([tok.encode("Thunder and lightning. Enter three Witches. 新华社北京电")[:48]])
     converted = copy.deepcopy(model)
     if weights != "gemv":  # what a machine without a C++ compiler (and, for "plain", without oneDNN) gets
-        monkeypatch.setattr("geb.quant.load_gemv", lambda: False)
+        monkeypatch.setattr("geb.cpu_linear.load_gemv", lambda: False)
     if weights == "plain":
         monkeypatch.setattr("torch.backends.mkldnn.is_available", lambda: False)
     fmt = convert_for_cpu(converted, "none")
@@ -206,7 +206,7 @@ def test_gemv_kernel_against_fp64():
     3) and 65 (at::linear), contiguous or not, against fp64."""
     import shutil
 
-    from geb.quant import load_gemv
+    from geb.cpu_linear import load_gemv
 
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or shutil.which("c++") is None:
         pytest.skip("geb's kernel needs an AVX2 CPU and a C++ compiler")
@@ -232,7 +232,7 @@ def test_gemv_kernel_against_fp64():
 def test_f32_linear_short_and_long_prompts():
     """F32Linear: up to MAX_ROWS input rows on geb's kernels, more on oneDNN's GEMM over the same plain weight; both
     equal fp64 up to rounding, with and without bias."""
-    from geb.quant import F32Linear, load_gemv
+    from geb.cpu_linear import F32Linear, load_gemv
 
     if not load_gemv():
         pytest.skip("geb's kernel cannot be built here")
@@ -271,7 +271,7 @@ def test_stale_build_lock_is_removed(tmp_path):
     import os
     import time
 
-    from geb.quant import _clear_stale_build_lock
+    from geb.cpu_linear import _clear_stale_build_lock
 
     lock = tmp_path / "lock"
     lock.touch()

@@ -112,7 +112,7 @@ def load_gemv() -> bool:
     if build_dir is not None:
         _clear_stale_build_lock(build_dir)
         if not any(build_dir.glob("*.so")):
-            print(f"[geb.quant] building {source.name} into {build_dir} (first use only, ~30 s)", file=sys.stderr,
+            print(f"[geb.cpu_linear] building {source.name} into {build_dir} (first use only, ~30 s)", file=sys.stderr,
                   flush=True)
     try:
         # -mavx2 -mfma, not -march=native: a build cached in a shared home directory must run on any AVX2 machine.

@@ -1,0 +1,180 @@
+"""Bits per byte: the model's loss on a prepared corpus split or on a text, in bits per UTF-8 byte.
+
+Every token is predicted exactly once, in windows of the model's context that start after an EOS (a document
+follows EOS in the training data), and the bytes are those of the text itself, so figures compare across
+tokenizers. See docs/eval.md for the protocol.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from geb.loader import iter_eval_windows, read_manifest, split_bytes
+
+
+class EvalError(ValueError):
+    """Bad task name, task file or evaluation input; the message names it."""
+
+
+def log(msg: str) -> None:
+    print(f"[geb.eval] {msg}", file=sys.stderr, flush=True)
+
+class Progress:
+    """A one-line progress indicator on stderr (rewritten in place on a terminal, every 30 s otherwise)."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.done, self.t0, self.last = 0, time.time(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.time()
+        if self.enabled and (now - self.last >= (0.5 if self.tty else 30.0) or self.done >= self.total):
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            line = f"[geb.eval] {self.label}: {self.done}/{self.total} ({rate:.0f}/s, eta {eta:.0f}s)"
+            print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr, flush=True)
+
+def doc_start(tokenizer) -> list[int]:
+    # Training data puts EOS after every document, so a new document follows EOS: give the model that context.
+    for tid in (getattr(tokenizer, "eos_id", -1), getattr(tokenizer, "bos_id", -1)):
+        if tid is not None and tid >= 0:
+            return [tid]
+    raise EvalError("the tokenizer has neither an EOS nor a BOS id to start a document with")
+
+
+# --- bits per byte -----------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def _nll_windows(model, windows: Iterable[tuple[torch.Tensor, torch.Tensor]], device,
+                 progress: Progress | None) -> tuple[float, int]:
+    """Σ NLL (nats) and the number of scored targets (>= 0) over (inputs, targets) batches."""
+    total, count = 0.0, 0
+    for inputs, targets in windows:
+        inputs, targets = inputs.to(device), targets.to(device).long()
+        logits, _ = model(inputs)
+        mask = targets >= 0
+        nll = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+        total += nll.double().sum().item()  # fp64 sum: a split has millions of terms
+        n = int(mask.sum())
+        count += n
+        if progress is not None:
+            progress.update(n)
+    return total, count
+
+
+def _bpb_result(nll: float, tokens: int, n_bytes: float) -> dict:
+    if tokens == 0 or n_bytes <= 0:
+        raise EvalError("nothing to score (no tokens)")
+    loss = nll / tokens
+    return {"loss": loss, "bpb": nll / (math.log(2) * n_bytes), "tokens": tokens, "bytes": n_bytes,
+            "ppl": math.exp(loss)}
+
+
+def bits_per_byte_text(model, tokenizer, text: str, seq_len: int | None = None, batch_size: int = 8,
+                       device="cpu", progress: bool = False) -> dict:
+    """bpb of one text: every token of it is predicted once, in windows of seq_len starting after an EOS."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from geb.tokenizer import Tokenizer
+        tokenizer = Tokenizer(tokenizer)
+    seq_len = seq_len or model.config.max_seq_len
+    if not 1 <= seq_len <= model.config.max_seq_len:
+        raise EvalError(f"seq_len must be in [1, {model.config.max_seq_len}], got {seq_len}")
+    stream = doc_start(tokenizer) + tokenizer.encode(text)  # as iter_eval_windows: the first token is scored too
+    n_bytes = len(text.encode("utf-8"))
+    starts = list(range(0, len(stream) - 1, seq_len))
+
+    def windows():
+        for b in range(0, len(starts), batch_size):
+            chunk = [stream[s:s + seq_len + 1] for s in starts[b:b + batch_size]]
+            width = max(len(c) for c in chunk) - 1
+            inputs = torch.zeros(len(chunk), width, dtype=torch.long)
+            targets = torch.full((len(chunk), width), -1, dtype=torch.long)
+            for r, c in enumerate(chunk):
+                inputs[r, :len(c) - 1] = torch.tensor(c[:-1])
+                targets[r, :len(c) - 1] = torch.tensor(c[1:])
+            yield inputs, targets
+
+    was_training = model.training
+    model.eval()
+    try:
+        bar = Progress(len(stream) - 1, "text bpb", progress)
+        nll, tokens = _nll_windows(model, windows(), device, bar)
+        bar.close()
+    finally:
+        model.train(was_training)
+    return _bpb_result(nll, tokens, n_bytes)
+
+
+def bits_per_byte(model, data_dir: str | os.PathLike, split: str = "val", seq_len: int | None = None,
+                  batch_size: int = 8, max_tokens: int | None = None, device="cpu", progress: bool = False,
+                  rank: int = 0, world_size: int = 1) -> dict:
+    """bpb of a prepared corpus split: Σ NLL / (ln 2 × UTF-8 bytes), the bytes read from the manifest.
+
+    Every token of the split (documents and their EOS) is scored once, in windows of seq_len, in order. With
+    max_tokens only the first max_tokens are scored and the bytes are prorated (bytes × scored / total tokens),
+    which assumes the scored prefix has the split's average bytes per token. With world_size > 1 (call it on every
+    rank of an initialized process group) each rank scores every world_size-th batch and the sums are all-reduced.
+    """
+
+    m = read_manifest(data_dir, model_vocab_size=model.config.vocab_size)
+    if split not in m["splits"]:
+        raise EvalError(f"{data_dir}: no split {split!r} (have {sorted(m['splits'])})")
+    seq_len = seq_len or model.config.max_seq_len
+    if not 1 <= seq_len <= model.config.max_seq_len:
+        raise EvalError(f"seq_len must be in [1, {model.config.max_seq_len}], got {seq_len}")
+    if max_tokens is not None and max_tokens < 1:
+        raise EvalError(f"max_tokens must be >= 1, got {max_tokens}")
+    if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise EvalError(f"world_size {world_size} needs an initialized torch.distributed process group")
+    total = m["splits"][split]["tokens"]
+    was_training = model.training
+    model.eval()
+    try:
+        bar = Progress(-(-min(total, max_tokens or total) // world_size), f"{split} bpb", progress)
+        nll, tokens = _split_nll(model, data_dir, split, seq_len, batch_size, max_tokens, device, rank, world_size,
+                                 bar)
+        bar.close()
+    finally:
+        model.train(was_training)
+    if world_size > 1:
+        sums = torch.tensor([nll, float(tokens)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        nll, tokens = sums[0].item(), int(round(sums[1].item()))
+    res = _bpb_result(nll, tokens, split_bytes(m, split, tokens))
+    res["split_tokens"] = total
+    return res
+
+
+def _split_nll(model, data_dir, split: str, seq_len: int, batch_size: int, max_tokens: int | None, device,
+               rank: int, world_size: int, progress: Progress | None) -> tuple[float, int]:
+    """This rank's Σ NLL and scored-token count over the split's first max_tokens tokens (all when None)."""
+
+    def windows():
+        for k, (inputs, targets) in enumerate(iter_eval_windows(data_dir, split, seq_len, batch_size, rank,
+                                                                world_size)):
+            if max_tokens is not None:
+                # Windows are consecutive: target (row r, column t) of batch b is token (b*B + r)*T + t of the split.
+                first = (rank + k * world_size) * batch_size * seq_len
+                if first >= max_tokens:
+                    break
+                pos = first + torch.arange(targets.numel()).view(targets.shape)
+                targets = targets.masked_fill(pos >= max_tokens, -1)
+            yield inputs, targets
+
+    return _nll_windows(model, windows(), device, progress)
+
