@@ -123,3 +123,10 @@ def test_cli_bpb_falls_back_to_data_default_and_says_why(tiny_run, two_data_dirs
         assert got["bpb"] == want["bpb"] and got["source"] == "data/default (val)"
         err = capsys.readouterr().err
         assert f"bpb data: data/default (the default; {why})" in err, err
+    # A tokenizer given from a data dir points at that data dir when the checkpoint records none.
+    trained_on, _ = two_data_dirs
+    got = eval_json(["--ckpt", tiny_run.run_dir, "--bpb", "--tokenizer", trained_on / "tokenizer.model"],
+                    tmp_path / "tok.json")["bpb_val"]
+    assert got["source"] == f"{trained_on} (val)" and got["bpb"] != want["bpb"]
+    err = capsys.readouterr().err
+    assert f"bpb data: {trained_on} (the tokenizer's data dir; the checkpoint records no data dir)" in err, err
