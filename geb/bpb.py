@@ -1,8 +1,13 @@
-"""Bits per byte: the model's loss on a prepared corpus split or on a text, in bits per UTF-8 byte.
+"""Bits per byte: a model's loss on a prepared corpus split or on a text, in bits per UTF-8 byte.
 
-Every token is predicted exactly once, in windows of the model's context that start after an EOS (a document
-follows EOS in the training data), and the bytes are those of the text itself, so figures compare across
-tokenizers. See docs/eval.md for the protocol.
+bpb = Σ NLL (nats) / (ln 2 × UTF-8 bytes). The tokens are read as one stream, [EOS] + the text's tokens (a split's
+documents each end with EOS), cut into consecutive windows of seq_len (default: the model's context), so every
+token is predicted exactly once and the first one after an EOS, as documents follow EOS in training. The bytes are
+those of the text itself (a split's from its manifest), so figures compare across tokenizers; with max_tokens only
+a prefix of a split is scored and its bytes are prorated. See docs/eval.md for the protocol.
+
+Also home to what the benchmark harness (geb.tasks) shares with it: EvalError, the stderr log and progress line,
+doc_start (the token a document follows) and eval_mode.
 """
 
 from __future__ import annotations
@@ -11,12 +16,17 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from geb.loader import iter_eval_windows, read_manifest, split_bytes
+from geb.tokenizer import Tokenizer
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (inputs, targets) pairs; a target < 0 is not scored
 
 
 class EvalError(ValueError):
@@ -24,7 +34,9 @@ class EvalError(ValueError):
 
 
 def log(msg: str) -> None:
+    """One line on stderr, prefixed [geb.eval]."""
     print(f"[geb.eval] {msg}", file=sys.stderr, flush=True)
+
 
 class Progress:
     """A one-line progress indicator on stderr (rewritten in place on a terminal, every 30 s otherwise)."""
@@ -35,6 +47,7 @@ class Progress:
         self.tty = sys.stderr.isatty()
 
     def update(self, n: int) -> None:
+        """Count n more done; print when the refresh interval has passed or all are done."""
         self.done += n
         now = time.time()
         if self.enabled and (now - self.last >= (0.5 if self.tty else 30.0) or self.done >= self.total):
@@ -45,23 +58,40 @@ class Progress:
             print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """End the line on a terminal."""
         if self.enabled and self.tty:
             print(file=sys.stderr, flush=True)
 
-def doc_start(tokenizer) -> list[int]:
-    # Training data puts EOS after every document, so a new document follows EOS: give the model that context.
+
+def doc_start(tokenizer: Tokenizer) -> list[int]:
+    """The context a document starts from: [EOS] (training data puts EOS after every document), else [BOS]."""
     for tid in (getattr(tokenizer, "eos_id", -1), getattr(tokenizer, "bos_id", -1)):
         if tid is not None and tid >= 0:
             return [tid]
     raise EvalError("the tokenizer has neither an EOS nor a BOS id to start a document with")
 
 
-# --- bits per byte -----------------------------------------------------------------------------------------------
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode for the block; its training flag is restored after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def check_seq_len(model: nn.Module, seq_len: int | None) -> int:
+    """seq_len, or the model's context when None; an EvalError unless 1 <= seq_len <= the model's context."""
+    seq_len = seq_len or model.config.max_seq_len
+    if not 1 <= seq_len <= model.config.max_seq_len:
+        raise EvalError(f"seq_len must be in [1, {model.config.max_seq_len}], got {seq_len}")
+    return seq_len
 
 
 @torch.inference_mode()
-def _nll_windows(model, windows: Iterable[tuple[torch.Tensor, torch.Tensor]], device,
-                 progress: Progress | None) -> tuple[float, int]:
+def _nll_windows(model: nn.Module, windows: Batches, device, progress: Progress | None) -> tuple[float, int]:
     """Σ NLL (nats) and the number of scored targets (>= 0) over (inputs, targets) batches."""
     total, count = 0.0, 0
     for inputs, targets in windows:
@@ -85,72 +115,60 @@ def _bpb_result(nll: float, tokens: int, n_bytes: float) -> dict:
             "ppl": math.exp(loss)}
 
 
-def bits_per_byte_text(model, tokenizer, text: str, seq_len: int | None = None, batch_size: int = 8,
-                       device="cpu", progress: bool = False) -> dict:
+def _text_windows(stream: list[int], seq_len: int, batch_size: int) -> Batches:
+    """Consecutive windows of seq_len targets over the token stream, batch_size at a time, the last one padded."""
+    starts = range(0, len(stream) - 1, seq_len)
+    for b in range(0, len(starts), batch_size):
+        chunk = [stream[s:s + seq_len + 1] for s in starts[b:b + batch_size]]
+        width = max(len(c) for c in chunk) - 1
+        inputs = torch.zeros(len(chunk), width, dtype=torch.long)
+        targets = torch.full((len(chunk), width), -1, dtype=torch.long)
+        for r, c in enumerate(chunk):
+            inputs[r, :len(c) - 1] = torch.tensor(c[:-1])
+            targets[r, :len(c) - 1] = torch.tensor(c[1:])
+        yield inputs, targets
+
+
+def bits_per_byte_text(model: nn.Module, tokenizer: Tokenizer | str | os.PathLike, text: str,
+                       seq_len: int | None = None, batch_size: int = 8, device: str | torch.device = "cpu",
+                       progress: bool = False) -> dict:
     """bpb of one text: every token of it is predicted once, in windows of seq_len starting after an EOS."""
     if isinstance(tokenizer, (str, os.PathLike)):
-        from geb.tokenizer import Tokenizer
         tokenizer = Tokenizer(tokenizer)
-    seq_len = seq_len or model.config.max_seq_len
-    if not 1 <= seq_len <= model.config.max_seq_len:
-        raise EvalError(f"seq_len must be in [1, {model.config.max_seq_len}], got {seq_len}")
+    seq_len = check_seq_len(model, seq_len)
     stream = doc_start(tokenizer) + tokenizer.encode(text)  # as iter_eval_windows: the first token is scored too
-    n_bytes = len(text.encode("utf-8"))
-    starts = list(range(0, len(stream) - 1, seq_len))
-
-    def windows():
-        for b in range(0, len(starts), batch_size):
-            chunk = [stream[s:s + seq_len + 1] for s in starts[b:b + batch_size]]
-            width = max(len(c) for c in chunk) - 1
-            inputs = torch.zeros(len(chunk), width, dtype=torch.long)
-            targets = torch.full((len(chunk), width), -1, dtype=torch.long)
-            for r, c in enumerate(chunk):
-                inputs[r, :len(c) - 1] = torch.tensor(c[:-1])
-                targets[r, :len(c) - 1] = torch.tensor(c[1:])
-            yield inputs, targets
-
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         bar = Progress(len(stream) - 1, "text bpb", progress)
-        nll, tokens = _nll_windows(model, windows(), device, bar)
+        nll, tokens = _nll_windows(model, _text_windows(stream, seq_len, batch_size), device, bar)
         bar.close()
-    finally:
-        model.train(was_training)
-    return _bpb_result(nll, tokens, n_bytes)
+    return _bpb_result(nll, tokens, len(text.encode("utf-8")))
 
 
-def bits_per_byte(model, data_dir: str | os.PathLike, split: str = "val", seq_len: int | None = None,
-                  batch_size: int = 8, max_tokens: int | None = None, device="cpu", progress: bool = False,
-                  rank: int = 0, world_size: int = 1) -> dict:
+def bits_per_byte(model: nn.Module, data_dir: str | os.PathLike, split: str = "val", seq_len: int | None = None,
+                  batch_size: int = 8, max_tokens: int | None = None, device: str | torch.device = "cpu",
+                  progress: bool = False, rank: int = 0, world_size: int = 1) -> dict:
     """bpb of a prepared corpus split: Σ NLL / (ln 2 × UTF-8 bytes), the bytes read from the manifest.
 
     Every token of the split (documents and their EOS) is scored once, in windows of seq_len, in order. With
     max_tokens only the first max_tokens are scored and the bytes are prorated (bytes × scored / total tokens),
     which assumes the scored prefix has the split's average bytes per token. With world_size > 1 (call it on every
     rank of an initialized process group) each rank scores every world_size-th batch and the sums are all-reduced.
+    Returns loss (nats/token), bpb, tokens, bytes, ppl and split_tokens.
     """
-
     m = read_manifest(data_dir, model_vocab_size=model.config.vocab_size)
     if split not in m["splits"]:
         raise EvalError(f"{data_dir}: no split {split!r} (have {sorted(m['splits'])})")
-    seq_len = seq_len or model.config.max_seq_len
-    if not 1 <= seq_len <= model.config.max_seq_len:
-        raise EvalError(f"seq_len must be in [1, {model.config.max_seq_len}], got {seq_len}")
+    seq_len = check_seq_len(model, seq_len)
     if max_tokens is not None and max_tokens < 1:
         raise EvalError(f"max_tokens must be >= 1, got {max_tokens}")
     if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise EvalError(f"world_size {world_size} needs an initialized torch.distributed process group")
     total = m["splits"][split]["tokens"]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         bar = Progress(-(-min(total, max_tokens or total) // world_size), f"{split} bpb", progress)
         nll, tokens = _split_nll(model, data_dir, split, seq_len, batch_size, max_tokens, device, rank, world_size,
                                  bar)
         bar.close()
-    finally:
-        model.train(was_training)
     if world_size > 1:
         sums = torch.tensor([nll, float(tokens)], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(sums)
@@ -160,21 +178,23 @@ def bits_per_byte(model, data_dir: str | os.PathLike, split: str = "val", seq_le
     return res
 
 
-def _split_nll(model, data_dir, split: str, seq_len: int, batch_size: int, max_tokens: int | None, device,
-               rank: int, world_size: int, progress: Progress | None) -> tuple[float, int]:
+def _split_windows(data_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int, max_tokens: int | None,
+                   rank: int, world_size: int) -> Batches:
+    """This rank's eval windows of the split, with targets past the first max_tokens tokens masked out."""
+    for k, (inputs, targets) in enumerate(iter_eval_windows(data_dir, split, seq_len, batch_size, rank, world_size)):
+        if max_tokens is not None:
+            # Windows are consecutive: target (row r, column t) of batch b is token (b*B + r)*T + t of the split.
+            first = (rank + k * world_size) * batch_size * seq_len
+            if first >= max_tokens:
+                break
+            pos = first + torch.arange(targets.numel()).view(targets.shape)
+            targets = targets.masked_fill(pos >= max_tokens, -1)
+        yield inputs, targets
+
+
+def _split_nll(model: nn.Module, data_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int,
+               max_tokens: int | None, device, rank: int, world_size: int,
+               progress: Progress | None) -> tuple[float, int]:
     """This rank's Σ NLL and scored-token count over the split's first max_tokens tokens (all when None)."""
-
-    def windows():
-        for k, (inputs, targets) in enumerate(iter_eval_windows(data_dir, split, seq_len, batch_size, rank,
-                                                                world_size)):
-            if max_tokens is not None:
-                # Windows are consecutive: target (row r, column t) of batch b is token (b*B + r)*T + t of the split.
-                first = (rank + k * world_size) * batch_size * seq_len
-                if first >= max_tokens:
-                    break
-                pos = first + torch.arange(targets.numel()).view(targets.shape)
-                targets = targets.masked_fill(pos >= max_tokens, -1)
-            yield inputs, targets
-
-    return _nll_windows(model, windows(), device, progress)
-
+    windows = _split_windows(data_dir, split, seq_len, batch_size, max_tokens, rank, world_size)
+    return _nll_windows(model, windows, device, progress)

