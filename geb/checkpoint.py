@@ -1,4 +1,9 @@
-"""Checkpoints: atomic save, keep-last-K, latest-with-fallback, and loading a model from any supported source."""
+"""Checkpoints: atomic save, keep-last-K, latest-with-fallback, and loading a model from any supported source.
+
+A run directory holds `ckpt-NNNNNNN.pt` files (the step, zero-padded to 7 digits) and `tokenizer.model`. A
+checkpoint is a dict with at least `model` (the state dict) and `model_config` (ModelConfig.to_dict()); train.py
+adds the optimizer, loader and RNG state, `step`, `tokenizer_sha256` and `data_dir`.
+"""
 
 import os
 import re
@@ -8,7 +13,8 @@ from pathlib import Path
 import torch
 
 from geb.config import ModelConfig
-from geb.files import file_sha256
+from geb.files import atomic_path, file_sha256
+from geb.hf import load_hf
 from geb.model import GEB
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
@@ -20,6 +26,7 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
+    """OUT/ckpt-STEP.pt, the step zero-padded to 7 digits."""
     return Path(out_dir) / f"ckpt-{step:07d}.pt"
 
 
@@ -36,14 +43,8 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, state: dict, keep: in
     """Write state to OUT/ckpt-STEP.pt through a temporary file and rename; keep the newest `keep`."""
     path = checkpoint_path(out_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     if keep > 0:
         for old in list_checkpoints(out_dir)[:-keep]:
             old.unlink(missing_ok=True)
@@ -75,6 +76,7 @@ def load_latest(out_dir: str | os.PathLike) -> tuple[Path, dict] | None:
 
 
 def _find_tokenizer(ckpt_dir: Path, state: dict) -> Path | None:
+    """tokenizer.model next to the checkpoint, else in its recorded data dir; one with another sha256 is refused."""
     expected = state.get("tokenizer_sha256")
     candidates = [ckpt_dir / TOKENIZER_FILE]
     if state.get("data_dir"):
@@ -91,7 +93,6 @@ def load_model(source: str | os.PathLike, impl: str = "auto") -> tuple[GEB, Path
     """A model and its tokenizer path from a run dir (latest checkpoint), a checkpoint file, or an HF directory."""
     source = Path(source)
     if source.is_dir() and (source / "config.json").is_file() and not list_checkpoints(source):
-        from geb.hf import load_hf
         tokenizer = source / TOKENIZER_FILE
         return load_hf(source, impl=impl), tokenizer if tokenizer.is_file() else None
     if source.is_dir():

@@ -1,6 +1,8 @@
 """GGUF export (llama.cpp's format): Llama layout, SentencePiece vocabulary, f32 / f16 / q8_0 weights.
 
-    python -m geb.gguf export --ckpt out/tiny --out out/tiny.gguf [--type f32|f16|q8_0]
+    python -m geb.export gguf --ckpt out/tiny --out out/tiny.gguf [--type f32|f16|q8_0] [--tokenizer PATH]
+
+(`python -m geb.gguf export` with the same flags runs the same command under its older name.)
 
 geb's rotary embedding is the rotate-half one of Hugging Face Llama; llama.cpp's "llama" architecture rotates
 interleaved pairs (the original Meta layout). Like llama.cpp's convert_hf_to_gguf.py (LlamaModel.permute), the
@@ -8,17 +10,22 @@ rows of every q/k projection are permuted per head so that interleaved rotation 
 rotate-half rotation of the originals.
 """
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
+import sentencepiece as spm
 import torch
+from sentencepiece import sentencepiece_model_pb2
 
+from geb.config import ModelConfig
+from geb.files import atomic_path
 from geb.model import GEB
 
 TYPES = ("f32", "f16", "q8_0")
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 
 
 def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -54,9 +61,6 @@ def gguf_tensors(model: GEB) -> dict[str, torch.Tensor]:
 
 def _vocab(tokenizer_path: str | os.PathLike, vocab_size: int) -> tuple[list[bytes], list[float], list[int], dict]:
     """Pieces, scores and token types of a SentencePiece model, padded to the model's vocabulary size."""
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2
-
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(Path(tokenizer_path).read_bytes())
     if len(proto.pieces) > vocab_size:
@@ -75,91 +79,76 @@ def _vocab(tokenizer_path: str | os.PathLike, vocab_size: int) -> tuple[list[byt
     return tokens, scores, types, special
 
 
+def add_model_metadata(w: gguf.GGUFWriter, c: ModelConfig, qtype: str, name: str) -> None:
+    """The llama.* hyperparameters and the file type."""
+    w.add_name(name)
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.d_model)
+    w.add_block_count(c.n_layers)
+    w.add_feed_forward_length(c.ffn_dim)
+    w.add_head_count(c.n_heads)
+    w.add_head_count_kv(c.n_kv_heads)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type(FILE_TYPES[qtype])
+
+
+def add_vocabulary(w: gguf.GGUFWriter, tokenizer_path: str | os.PathLike, vocab_size: int) -> None:
+    """The SentencePiece vocabulary as llama.cpp's "llama" tokenizer, with its special token ids."""
+    tokens, scores, types, special = _vocab(tokenizer_path, vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
+                     ("pad", w.add_pad_token_id)):
+        if special[key] >= 0:
+            add(special[key])
+    # geb prompts are token ids chosen by the caller (training documents follow EOS): no automatic BOS/EOS.
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(bool(special["add_space_prefix"]))
+
+
+def add_tensors(w: gguf.GGUFWriter, tensors: dict[str, torch.Tensor], qtype: str) -> None:
+    """The weights in qtype; norms (1-d) stay f32, as llama.cpp's converter keeps them."""
+    for key, t in tensors.items():
+        arr = t.numpy()
+        if arr.ndim == 1 or qtype == "f32":
+            w.add_tensor(key, arr.astype(np.float32))
+        elif qtype == "f16":
+            w.add_tensor(key, arr.astype(np.float16))
+        else:
+            data = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(key, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+
 def export_gguf(model: GEB, tokenizer_path: str | os.PathLike, out: str | os.PathLike, qtype: str = "f32",
                 name: str = "geb") -> Path:
     """Write model + vocabulary as a llama.cpp GGUF file (atomically: temporary file, then rename)."""
-    import gguf
-
     if qtype not in TYPES:
         raise ValueError(f"--type must be one of {TYPES}, got {qtype!r}")
-    c = model.config
     tensors = gguf_tensors(model)
-    tokens, scores, types, special = _vocab(tokenizer_path, c.vocab_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
-    w = gguf.GGUFWriter(tmp, "llama")
-    try:
-        w.add_name(name)
-        w.add_context_length(c.max_seq_len)
-        w.add_embedding_length(c.d_model)
-        w.add_block_count(c.n_layers)
-        w.add_feed_forward_length(c.ffn_dim)
-        w.add_head_count(c.n_heads)
-        w.add_head_count_kv(c.n_kv_heads)
-        w.add_rope_dimension_count(c.head_dim)
-        w.add_rope_freq_base(c.rope_theta)
-        w.add_layer_norm_rms_eps(c.norm_eps)
-        w.add_vocab_size(c.vocab_size)
-        w.add_file_type(file_type)
-        w.add_tokenizer_model("llama")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
-                         ("pad", w.add_pad_token_id)):
-            if special[key] >= 0:
-                add(special[key])
-        # geb prompts are token ids chosen by the caller (training documents follow EOS): no automatic BOS/EOS.
-        w.add_add_bos_token(False)
-        w.add_add_eos_token(False)
-        w.add_add_space_prefix(bool(special["add_space_prefix"]))
-        for key, t in tensors.items():
-            arr = t.numpy()
-            if arr.ndim == 1 or qtype == "f32":  # norms stay f32, as llama.cpp's converter does
-                w.add_tensor(key, arr.astype(np.float32))
-            elif qtype == "f16":
-                w.add_tensor(key, arr.astype(np.float16))
-            else:
-                data = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
-                w.add_tensor(key, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(tmp, "llama")
+        add_model_metadata(w, model.config, qtype, name)
+        add_vocabulary(w, tokenizer_path, model.config.vocab_size)
+        add_tensors(w, tensors, qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m geb.gguf", description="GGUF export for llama.cpp")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="export a checkpoint (run dir, ckpt file or HF dir) to a GGUF file")
-    e.add_argument("--ckpt", required=True, help="run dir (latest ckpt-*.pt), checkpoint file or HF Llama dir")
-    e.add_argument("--out", required=True, help="output .gguf file")
-    e.add_argument("--type", default="f32", choices=TYPES, help="weight type (norms stay f32)")
-    e.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the checkpoint's)")
-    args = p.parse_args(argv)
-    from geb.checkpoint import CheckpointError, load_model
-
-    try:
-        model, tok = load_model(args.ckpt)
-    except CheckpointError as err:
-        sys.exit(f"error: --ckpt {err}")
-    tok = args.tokenizer or tok
-    if tok is None:
-        sys.exit(f"error: --ckpt {args.ckpt}: no tokenizer.model found next to it; pass --tokenizer PATH")
-    try:
-        path = export_gguf(model, tok, args.out, args.type)
-    except (ValueError, OSError) as err:
-        sys.exit(f"error: {err}")
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.type})")
-
-
 if __name__ == "__main__":
-    main()
+    # The frozen command `python -m geb.gguf export ...`: its code lives in geb.export, which imports this module, so
+    # the import can only happen here, once this file runs as a script.
+    from geb.export import legacy_main
+
+    legacy_main("gguf")

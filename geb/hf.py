@@ -1,17 +1,19 @@
-"""Hugging Face interop: export to / load from a transformers LlamaForCausalLM directory (safetensors)."""
+"""Hugging Face interop: export to / load from a transformers LlamaForCausalLM directory (safetensors).
 
-import argparse
+The command line is `python -m geb.export hf --ckpt RUN --out DIR` (geb/export.py); `python -m geb.hf export`
+runs the same command under its older name.
+"""
+
 import json
 import os
 import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from geb.config import ModelConfig
+from geb.files import atomic_dir
 from geb.model import GEB
 
 
@@ -50,19 +52,11 @@ def export_hf(model: GEB, out_dir: str | os.PathLike, tokenizer_path: str | os.P
              for k, v in model.state_dict().items()}
     if config.tie_embeddings:
         del state["lm_head.weight"]  # safetensors refuses shared tensors; transformers re-ties from the config
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -118,21 +112,9 @@ def load_hf(hf_dir: str | os.PathLike, impl: str = "auto") -> GEB:
     return model
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m geb.hf", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    export = sub.add_parser("export", help="export a training checkpoint to a Hugging Face Llama directory")
-    export.add_argument("--ckpt", required=True, help="a training run's out dir (latest checkpoint) or a .pt file")
-    export.add_argument("--out", required=True, help="directory to write")
-    args = parser.parse_args(argv)
-    from geb.checkpoint import load_model
-    try:
-        model, tokenizer_path = load_model(args.ckpt)
-        out = export_hf(model, args.out, tokenizer_path)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    print(f"wrote {out}")
-
-
 if __name__ == "__main__":
-    main()
+    # The frozen command `python -m geb.hf export ...`: its code lives in geb.export, which imports this module, so
+    # the import can only happen here, once this file runs as a script.
+    from geb.export import legacy_main
+
+    legacy_main("hf")

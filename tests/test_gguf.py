@@ -1,28 +1,24 @@
-"""GGUF export: the file reads back with gguf's reader (shapes, metadata, vocabulary), and a NumPy Llama forward in
-llama.cpp's conventions (interleaved-pair rotary) on the exported tensors gives geb's logits."""
+"""GGUF export: the file reads back with gguf's reader (shapes, metadata, vocabulary), a NumPy Llama forward in
+llama.cpp's conventions (interleaved-pair rotary) on the exported tensors gives geb's logits, and a failed export
+leaves the previous file in place."""
 
-import subprocess
-import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 
-from geb.checkpoint import file_sha256, save_checkpoint
 from geb.config import ModelConfig
+from geb.generate import Generator
+from geb.gguf import export_gguf
 from geb.model import GEB
-
-gguf = pytest.importorskip("gguf")
-from geb.gguf import export_gguf  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_model(vocab_size: int, n_kv_heads: int = 2, tie: bool = False) -> GEB:
+def random_model(vocab_size: int, n_kv_heads: int = 2, tie: bool = False) -> GEB:
     torch.manual_seed(n_kv_heads)
     config = ModelConfig(vocab_size=vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, ffn_dim=96,
                          max_seq_len=64, rope_theta=5000.0, tie_embeddings=tie)
@@ -88,11 +84,9 @@ def llama_cpp_style_logits(t: dict, meta: dict, ids: list[int]) -> np.ndarray:
 
 @pytest.mark.parametrize("n_kv_heads, tie", [(2, False), (1, True), (4, False)], ids=["gqa", "mqa-tied", "mha"])
 def test_f32_export_reads_back_and_matches_logits(tmp_path, tokenizer_file, n_kv_heads, tie):
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
     vocab = sp.get_piece_size() + 5  # a model vocabulary larger than the tokenizer's is padded
-    model = tiny_model(vocab, n_kv_heads, tie)
+    model = random_model(vocab, n_kv_heads, tie)
     path = export_gguf(model, tokenizer_file, tmp_path / "m.gguf", "f32")
     t, meta = read(path)
     c = model.config
@@ -121,10 +115,8 @@ def test_f32_export_reads_back_and_matches_logits(tmp_path, tokenizer_file, n_kv
 
 @pytest.mark.parametrize("qtype", ["f16", "q8_0"])
 def test_quantized_export_is_close(tmp_path, tokenizer_file, qtype):
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
-    model = tiny_model(sp.get_piece_size())
+    model = random_model(sp.get_piece_size())
     t, meta = read(export_gguf(model, tokenizer_file, tmp_path / "m.gguf", qtype))
     kinds = {tt.name: tt.tensor_type for tt in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
     want = gguf.GGMLQuantizationType.F16 if qtype == "f16" else gguf.GGMLQuantizationType.Q8_0
@@ -137,31 +129,34 @@ def test_quantized_export_is_close(tmp_path, tokenizer_file, qtype):
     assert cos.min() > 0.999
 
 
-def test_cli_export(tmp_path, tokenizer_file):
-    import sentencepiece as spm
+def test_export_is_atomic_and_refuses_bad_input(tmp_path, tokenizer_file, monkeypatch):
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
+    out = export_gguf(random_model(sp.get_piece_size()), tokenizer_file, tmp_path / "m.gguf", "f16")
+    before = out.read_bytes()
+    too_small = random_model(sp.get_piece_size() - 1)  # a vocabulary the tokenizer's pieces do not fit in
+    with pytest.raises(ValueError, match=f"{sp.get_piece_size()} pieces but the model's vocabulary is"):
+        export_gguf(too_small, tokenizer_file, out, "f16")
+    with pytest.raises(ValueError, match=r"--type must be one of \('f32', 'f16', 'q8_0'\), got 'q4_0'"):
+        export_gguf(too_small, tokenizer_file, out, "q4_0")
+    post_norm = GEB(ModelConfig(vocab_size=sp.get_piece_size(), d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                                ffn_dim=64, norm_position="post"), impl="torch")
+    with pytest.raises(ValueError, match="norm_position='post' has no llama.cpp equivalent"):
+        export_gguf(post_norm, tokenizer_file, out, "f32")
 
-    model = tiny_model(spm.SentencePieceProcessor(model_file=str(tokenizer_file)).get_piece_size())
-    run = tmp_path / "run"
-    save_checkpoint(run, 5, {"model": model.state_dict(), "model_config": model.config.to_dict(), "step": 5,
-                             "tokenizer_sha256": file_sha256(tokenizer_file)})
-    (run / "tokenizer.model").write_bytes(tokenizer_file.read_bytes())
-    res = subprocess.run([sys.executable, "-m", "geb.gguf", "export", "--ckpt", str(run), "--out",
-                          str(tmp_path / "x.gguf"), "--type", "q8_0"], cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert (tmp_path / "x.gguf").is_file() and "wrote" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "geb.gguf", "export", "--ckpt", str(tmp_path / "none"), "--out",
-                          str(tmp_path / "y.gguf")], cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode != 0 and res.stderr.startswith("error: --ckpt") and "Traceback" not in res.stderr
+    def disk_full(writer, *args, **kwargs):  # the header and metadata are on disk, the tensors never arrive
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_gguf(random_model(sp.get_piece_size()), tokenizer_file, out, "f32")
+    assert out.read_bytes() == before  # the previous file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # and no temporary file is left behind
 
 
 def test_llama_cpp_greedy_matches(tmp_path, tokenizer_file):
     llama_cpp = pytest.importorskip("llama_cpp")
-    import sentencepiece as spm
-
-    from geb.generate import Generator
-
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
-    model = tiny_model(sp.get_piece_size())
+    model = random_model(sp.get_piece_size())
     path = export_gguf(model, tokenizer_file, tmp_path / "m.gguf", "f32")
     ids = [sp.eos_id()] + sp.encode("When shall we three meet again")
     ours = list(Generator(model).generate(ids, 20, temperature=0.0))

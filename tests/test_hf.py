@@ -1,10 +1,14 @@
-"""Hugging Face interop: exported models load in transformers and give the same logits."""
+"""Hugging Face interop: exported models load in transformers and give the same logits; exports are atomic;
+configs geb cannot represent are refused by name."""
+
+import json
 
 import pytest
 import torch
+from helpers import small_config
 
 from geb.config import ModelConfig
-from geb.hf import export_hf, load_hf
+from geb.hf import config_from_hf, export_hf, hf_config, load_hf
 from geb.model import GEB
 
 transformers = pytest.importorskip("transformers")
@@ -62,18 +66,48 @@ def test_load_hf_errors_name_the_directory(tmp_path):
         load_hf(tmp_path)
 
 
-def test_cli_exports_a_training_checkpoint(tmp_path):
-    from geb.checkpoint import save_checkpoint
-    from geb.hf import main
+def test_export_writes_the_tokenizer_and_replaces_atomically(tmp_path, tokenizer_file):
+    torch.manual_seed(3)
+    first = GEB(small_config(), impl="torch")
+    out = export_hf(first, tmp_path / "hf", tokenizer_file)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert (out / "tokenizer.model").read_bytes() == tokenizer_file.read_bytes()
+    assert json.loads((out / "config.json").read_text()) == hf_config(first.config)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    torch.manual_seed(8)
-    config = ModelConfig(vocab_size=61, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
-    model = GEB(config, impl="torch").eval()
-    save_checkpoint(tmp_path / "run", 5, {"model": model.state_dict(), "model_config": config.to_dict(), "step": 5})
-    main(["export", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
-    hf_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
-    idx = torch.randint(0, 61, (1, 9))
-    with torch.no_grad():
-        assert (model(idx)[0] - hf_model(idx).logits).abs().max().item() < 1e-4
-    with pytest.raises(SystemExit, match="no such checkpoint"):
-        main(["export", "--ckpt", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+    second = GEB(small_config(), impl="torch")
+    with pytest.raises(FileNotFoundError, match="missing.model"):  # fails after the weights are written
+        export_hf(second, out, tmp_path / "missing.model")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous export is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # and no temporary directory is left behind
+
+    export_hf(second, out)  # a successful export replaces the whole directory (no stale tokenizer.model)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_hf(out, impl="torch")
+    for k, v in second.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "mistral"}, "model_type is 'mistral', only 'llama'"),
+    ({"attention_bias": True}, "attention_bias=true is not supported"),
+    ({"mlp_bias": True}, "mlp_bias=true is not supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope type 'yarn' is not supported"),
+    ({"head_dim": 8}, "head_dim 8 x 4 heads != hidden_size 64"),
+], ids=["arch", "attn-bias", "mlp-bias", "rope", "head-dim"])
+def test_config_from_hf_refuses_what_geb_cannot_represent(change, message):
+    config = small_config(rope_theta=5000.0, tie_embeddings=True)
+    assert config_from_hf(hf_config(config)) == config
+    with pytest.raises(ValueError, match=f"^some/config.json: {message}"):
+        config_from_hf({**hf_config(config), **change}, "some/config.json")
+
+
+def test_load_hf_refuses_weights_that_do_not_match_the_config(tmp_path):
+    torch.manual_seed(4)
+    out = export_hf(GEB(small_config(), impl="torch"), tmp_path / "hf")
+    (out / "config.json").write_text(json.dumps(hf_config(small_config(n_layers=3))))
+    with pytest.raises(ValueError, match=r"weights do not match the config \(missing \['layers\.2\."):
+        load_hf(out)
+    (out / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors in .*hf \(pytorch_model\.bin is not supported\)"):
+        load_hf(out)
