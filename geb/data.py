@@ -62,7 +62,7 @@ def _tokenizer_entry(tok: Tokenizer, vocab_size: int) -> dict:
             "eos_id": tok.eos_id, "pad_id": tok.pad_id, "unk_id": tok.unk_id}
 
 
-# --- prepare, step by step -------------------------------------------------------------------------------------
+# --- prepare, step by step --------------------------------------------------------------------------------------------
 
 
 def _check_options(val_fraction: float, shard_tokens: int) -> None:
@@ -392,7 +392,7 @@ def write_token_dir(out_dir: str | os.PathLike, tokenizer: str | os.PathLike, sp
     return out / "manifest.json"
 
 
-# --- command line ----------------------------------------------------------------------------------------------
+# --- command line -----------------------------------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
