@@ -32,7 +32,7 @@ def assert_rule(name: str, out: torch.Tensor, ref: torch.Tensor, same: torch.Ten
 
 @contextmanager
 def poisoned_outputs():
-    """Kernels allocate their outputs NaN-filled inside this block (kernels._common.empty_output reads GEB_KERNELS_POISON)."""
+    """Kernel outputs are NaN-filled inside this block (kernels._common.empty_output reads GEB_KERNELS_POISON)."""
     old = os.environ.get("GEB_KERNELS_POISON")
     os.environ["GEB_KERNELS_POISON"] = "1"
     try:
