@@ -2,6 +2,12 @@
 
 `GEB_KERNELS=torch` forces the PyTorch references everywhere. `GEB_AUTOTUNE=0` (read at import) gives each attention
 kernel one small config instead of autotuning. `GEB_KERNELS_POISON=1` NaN-fills kernel outputs (tests).
+
+Files: one per op (`flash_attn`, `rms_norm`, `swiglu`, `rotary`: Triton kernels, launchers, torch.library ops and
+autograd glue), `reference` (the PyTorch references), `_common` (what the kernel files share). Names inside the
+Triton kernels: pointer arguments and runtime sizes in lowercase, constexpr meta-parameters in UPPER_CASE; `i_`
+program indices, `o_` offsets, `m_` masks, `p_` pointers, `b_` blocks of values; `# [BM, BD]` gives a block's shape
+in BLOCK_M x BLOCK_D where it is not obvious.
 """
 
 import importlib.util
