@@ -141,7 +141,7 @@ def _rms_norm_fwd_op(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torc
 @_rms_norm_fwd_op.register_fake
 def _(x, w, eps):
     """Output shapes for tracing: y like x, rstd one fp32 per row."""
-    return x.newempty_output(x.shape), x.newempty_output((x.numel() // x.shape[-1],), dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
 
 
 @torch.library.custom_op("geb::rms_norm_bwd", mutates_args=())
@@ -153,7 +153,7 @@ def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
 @_rms_norm_bwd_op.register_fake
 def _(dy, x, w, rstd):
     """Output shapes for tracing: dx like x, dw like w."""
-    return x.newempty_output(x.shape), w.newempty_output(w.shape)
+    return x.new_empty(x.shape), w.new_empty(w.shape)
 
 
 class RMSNormFunction(torch.autograd.Function):

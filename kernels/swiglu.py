@@ -71,7 +71,7 @@ def _swiglu_fwd_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 @_swiglu_fwd_op.register_fake
 def _(gate, up):
     """Output shape for tracing: like gate."""
-    return gate.newempty_output(gate.shape)
+    return gate.new_empty(gate.shape)
 
 
 @torch.library.custom_op("geb::swiglu_bwd", mutates_args=())
@@ -82,7 +82,7 @@ def _swiglu_bwd_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tu
 @_swiglu_bwd_op.register_fake
 def _(dy, gate, up):
     """Output shapes for tracing: dgate like gate, dup like up."""
-    return gate.newempty_output(gate.shape), up.newempty_output(up.shape)
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
 class SwiGLUFunction(torch.autograd.Function):
