@@ -1,4 +1,4 @@
-"""The one correctness rule for every kernel test (GEB.md): a kernel may be at most `factor` times as wrong as
+"""The one correctness rule for every kernel test and benchmark: a kernel may be at most `factor` times as wrong as
 PyTorch in the same dtype, plus a small absolute slack.
 
     max|out - ref| <= factor * max|torch_same_dtype - ref| + atol
