@@ -121,6 +121,25 @@ def test_triton_without_interpreter_on_cpu_is_a_clear_error():
     assert "ValueError" in result.stdout and "TRITON_INTERPRET=1" in result.stdout, result.stdout
 
 
+def test_without_triton_the_references_still_run():
+    code = (
+        "import importlib.util, torch\n"
+        "find_spec = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a: None if name == 'triton' else find_spec(name, *a)\n"
+        "import kernels, sys\n"
+        "assert not any(m.startswith('kernels.') and m != 'kernels.reference' and m != 'kernels._common'\n"
+        "               for m in sys.modules), sorted(sys.modules)\n"
+        "x = torch.randn(2, 8)\n"
+        "assert kernels.swiglu(x, x).shape == x.shape\n"
+        "try:\n"
+        "    kernels.swiglu(x, x, impl='triton')\n"
+        "except ValueError as e:\n"
+        "    print('ValueError:', e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "ValueError" in result.stdout and "needs the triton package" in result.stdout, result.stdout
+
 def test_public_functions_win_over_submodules_of_the_same_name():
     for name in ("flash_attn_func", "rms_norm", "swiglu", "apply_rotary"):
         assert not isinstance(getattr(kernels, name), types.ModuleType), f"kernels.{name} is a module"
