@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_check import assert_rule
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernels
 from kernels import reference
@@ -34,7 +35,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # torch.compile on a CPU spends ~10-60 s compiling C++ per graph: opt in with GEB_BENCH_COMPILE=1.
 COMPILE_ON_CPU = os.environ.get("GEB_BENCH_COMPILE") == "1"
 
-try:
+try:  # Liger-Kernel is an optional comparison point: its rows are skipped without it
     import liger_kernel  # noqa: F401
 
     HAVE_LIGER = True
@@ -209,7 +210,7 @@ def _time(benchmark, launch: Callable, work: Callable[[float], dict]) -> None:
     # pytest-benchmark's wall time includes the launch and a host sync per call, which weighs on sub-millisecond
     # calls; throughput is reported on device time (CUDA events, L2 flushed between calls, median), as published
     # kernel figures are, and the wall-clock throughput is kept beside it.
-    import triton.testing
+    import triton.testing  # Triton is optional (`kernels` runs without it); needed here on a GPU only
 
     device_ms = triton.testing.do_bench(launch, warmup=25, rep=100, return_mode="median")
     benchmark.extra_info["device_ms"] = device_ms
@@ -228,8 +229,6 @@ def _compiled(fn: Callable) -> Callable:
 # Attention.
 # ---------------------------------------------------------------------------------------------------------------
 def _sdpa(backend):
-    from torch.nn.attention import sdpa_kernel
-
     def attn(q, k, v, causal, scale):
         q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         with sdpa_kernel(backend):
@@ -249,8 +248,6 @@ def _attention_fn(provider: str, causal: bool, scale: float) -> Callable:
     if provider in ("torch", "compile"):
         fn = lambda q, k, v: reference.attention_ref(q, k, v, causal, scale)  # noqa: E731
         return _compiled(fn) if provider == "compile" else fn
-    from torch.nn.attention import SDPBackend
-
     backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[provider]
     attn = _sdpa(backend)
     return lambda q, k, v: attn(q, k, v, causal, scale)
@@ -292,7 +289,7 @@ def _rms_fn(provider: str) -> Callable:
     if provider == "triton":
         return lambda x, w: kernels.rms_norm(x, w, eps, impl="triton")
     if provider == "liger":
-        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction  # optional comparison point
 
         return lambda x, w: LigerRMSNormFunction.apply(x, w, eps)
     fn = lambda x, w: reference.rms_norm_ref(x, w, eps)  # noqa: E731
@@ -323,7 +320,7 @@ def _swiglu_fn(provider: str) -> Callable:
     if provider == "triton":
         return lambda g, u: kernels.swiglu(g, u, impl="triton")
     if provider == "liger":
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction  # optional comparison point
 
         return lambda g, u: LigerSiLUMulFunction.apply(g, u)
     return _compiled(reference.swiglu_ref) if provider == "compile" else reference.swiglu_ref
@@ -347,7 +344,7 @@ def _rotary_fn(provider: str) -> Callable:
         return lambda q, k, cos, sin: (kernels.apply_rotary(q, cos, sin, impl="triton"),
                                        kernels.apply_rotary(k, cos, sin, impl="triton"))
     if provider == "liger":
-        from liger_kernel.ops.rope import LigerRopeFunction
+        from liger_kernel.ops.rope import LigerRopeFunction  # optional comparison point
 
         def liger(q, k, cos, sin):
             # Liger takes (B, H, T, D) and full-width (1, T, D) tables, and rotates in place: give it copies.

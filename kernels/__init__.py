@@ -1,22 +1,34 @@
-"""Public kernel API: each op takes impl="auto" | "triton" | "torch" (auto = Triton on CUDA, reference elsewhere)."""
+"""Public kernel API: each op takes impl="auto" | "triton" | "torch" (auto = Triton on CUDA, reference elsewhere).
 
+`GEB_KERNELS=torch` forces the PyTorch references everywhere. `GEB_AUTOTUNE=0` (read at import) gives each attention
+kernel one small config instead of autotuning. `GEB_KERNELS_POISON=1` NaN-fills kernel outputs (tests).
+
+Files: one per op (`flash_attn`, `rms_norm`, `swiglu`, `rotary`: Triton kernels, launchers, torch.library ops and
+autograd glue), `reference` (the PyTorch references), `_common` (what the kernel files share). Names inside the
+Triton kernels: pointer arguments and runtime sizes in lowercase, constexpr meta-parameters in UPPER_CASE; `i_`
+program indices, `o_` offsets, `m_` masks, `p_` pointers, `b_` blocks of values; `# [BM, BD]` gives a block's shape
+in BLOCK_M x BLOCK_D where it is not obvious.
+"""
+
+import importlib.util
 import os
 
 import torch
 
 from kernels import reference
+from kernels._common import INTERPRET
+
+# Triton is optional: without it, impl="auto" and impl="torch" still run the PyTorch references. Imported here,
+# before the public functions below, whose names (rms_norm, swiglu) must win over the submodules' of the same name.
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+if HAVE_TRITON:
+    from kernels.flash_attn import MAX_HEAD_DIM, flash_attn_triton
+    from kernels.rms_norm import rms_norm_triton
+    from kernels.rotary import apply_rotary_triton
+    from kernels.swiglu import swiglu_triton
 
 IMPLS = ("auto", "triton", "torch")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, i.e. below, when `kernels` is first imported.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Output buffer for a kernel; NaN-filled when GEB_KERNELS_POISON=1 so tests catch unwritten elements."""
-    if os.environ.get("GEB_KERNELS_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _resolve(impl: str, **tensors: torch.Tensor) -> str:
@@ -27,12 +39,12 @@ def _resolve(impl: str, **tensors: torch.Tensor) -> str:
         return "torch"
     first = next(iter(tensors.values()))
     if impl == "auto":
-        usable = first.is_cuda and _TRITON_IMPORT_ERROR is None
+        usable = first.is_cuda and HAVE_TRITON
         return "triton" if usable and all(t.dtype in _TRITON_DTYPES for t in tensors.values()) else "torch"
     if impl == "triton":
-        if _TRITON_IMPORT_ERROR is not None:
-            raise ValueError(f"impl='triton' needs the triton package: {_TRITON_IMPORT_ERROR}")
-        if not first.is_cuda and not _INTERPRET:
+        if not HAVE_TRITON:
+            raise ValueError("impl='triton' needs the triton package (pip install triton); impl='torch' does not")
+        if not first.is_cuda and not INTERPRET:
             raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before `kernels` is imported")
         for name, t in tensors.items():
             if t.dtype not in _TRITON_DTYPES:
@@ -43,21 +55,8 @@ def _resolve(impl: str, **tensors: torch.Tensor) -> str:
     return impl
 
 
-# Imported here, after _empty (which they use) and before the public functions: the submodules kernels.rms_norm and
-# kernels.swiglu share their names with functions below, which must be the package attributes that win.
-try:
-    from kernels.flash_attn import MAX_HEAD_DIM, flash_attn_triton  # noqa: E402
-    from kernels.rms_norm import rms_norm_triton  # noqa: E402
-    from kernels.rotary import apply_rotary_triton  # noqa: E402
-    from kernels.swiglu import swiglu_triton  # noqa: E402
-
-    _TRITON_IMPORT_ERROR = None
-except ImportError as e:  # no triton: the PyTorch references still work
-    _TRITON_IMPORT_ERROR = e
-    MAX_HEAD_DIM = 256
-
-
 def _same(name: str, value, expected_name: str, expected) -> None:
+    """Raise ValueError naming the argument when value != expected."""
     if value != expected:
         raise ValueError(f"{name} is {value} but must match {expected_name} ({expected})")
 

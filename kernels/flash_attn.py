@@ -20,18 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _empty
+from kernels._common import INTERPRET, empty_output, unit_last_stride
 
 LOG2_E = 1.4426950408889634
 MAX_HEAD_DIM = 256
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """Autotune configs (BLOCK_M, BLOCK_N, num_warps, num_stages); a single one under the interpreter, and only the
-    last, a small one, with GEB_AUTOTUNE=0 (read when `kernels` is first imported): no tuning for test sweeps over
-    many shapes on a GPU."""
-    if _INTERPRET:
+def _autotune_configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """Autotune configs from (BLOCK_M, BLOCK_N, num_warps, num_stages); one under the interpreter, and only the last
+    (a small one) with GEB_AUTOTUNE=0, for test sweeps over many shapes on a GPU."""
+    if INTERPRET:
         # Multi-config autotune fails in the interpreter ("0 active drivers"); 32 keeps dots GPU-legal (>= 16).
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     if os.environ.get("GEB_AUTOTUNE") == "0":
@@ -39,52 +37,53 @@ def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
 
 
-def _prune(configs, named_args, **kwargs):
+def _prune_for_head_dim(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Drop configs whose tiles do not fit the head dim's registers (D = 256 needs small tiles)."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 0))
     kept = [c for c in configs if block_d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
     return kept or configs
 
 
-_AUTOTUNE_KEY = ["T_Q_BUCKET", "T_K_BUCKET", "BLOCK_D", "CAUSAL"]
+# Sequence lengths enter the key rounded up to powers of two: one tuning per bucket, not per length.
+_AUTOTUNE_KEY = ["t_q_bucket", "t_k_bucket", "BLOCK_D", "CAUSAL"]
 
 
 @triton.jit
-def _query_block(i_m, i_bh, T_Q, T_K, H_Q, N_REP, HEAD_DIM,
+def _query_block(i_m, i_bh, t_q, t_k, h_q, n_rep, head_dim,
                  CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """A query-block program's batch, query head and KV head, its row and head-dim offsets and masks, and the end
     of the keys it sees (the forward and dQ kernels share this)."""
-    i_b = i_bh // H_Q
-    i_hq = i_bh % H_Q
-    i_hk = i_hq // N_REP
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
-    hi = T_K
+    i_b = i_bh // h_q
+    i_hq = i_bh % h_q
+    i_hk = i_hq // n_rep
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    o_d = tl.arange(0, BLOCK_D)  # [BD]
+    hi = t_k
     if CAUSAL:
         # Key blocks past the last key this query block can see (bottom-right alignment) are skipped entirely.
-        hi = tl.minimum(T_K, (i_m + 1) * BLOCK_M + T_K - T_Q)
-    return i_b, i_hq, i_hk, o_m, o_d, o_m < T_Q, o_d < HEAD_DIM, hi
+        hi = tl.minimum(t_k, (i_m + 1) * BLOCK_M + t_k - t_q)
+    return i_b, i_hq, i_hk, o_m, o_d, o_m < t_q, o_d < head_dim, hi
 
 
 @triton.jit
-def _key_block_scores(b_q, p_k, p_v, start_n, o_m, m_m, m_d, stride_kt, stride_vt, T_Q, T_K, scale_log2,
+def _key_block_scores(b_q, p_k, p_v, start_n, o_m, m_m, m_d, stride_kt, stride_vt, t_q, t_k, scale_log2,
                       CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key block's k and v, the query block's scores against it (scaled, base 2) and which of them count:
-    query i sees keys j <= i + T_K - T_Q."""
-    o_n = start_n + tl.arange(0, BLOCK_N)
-    m_n = o_n < T_K
-    b_k = tl.load(p_k + o_n[:, None] * stride_kt, mask=m_n[:, None] & m_d[None, :], other=0.0)
-    b_v = tl.load(p_v + o_n[:, None] * stride_vt, mask=m_n[:, None] & m_d[None, :], other=0.0)
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale_log2
-    m_s = m_m[:, None] & m_n[None, :]
+    query i sees keys j <= i + t_k - t_q."""
+    o_n = start_n + tl.arange(0, BLOCK_N)  # [BN]
+    m_n = o_n < t_k
+    b_k = tl.load(p_k + o_n[:, None] * stride_kt, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
+    b_v = tl.load(p_v + o_n[:, None] * stride_vt, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale_log2  # [BM, BN]
+    m_s = m_m[:, None] & m_n[None, :]  # [BM, BN]
     if CAUSAL:
-        m_s = m_s & (o_n[None, :] <= o_m[:, None] + T_K - T_Q)
+        m_s = m_s & (o_n[None, :] <= o_m[:, None] + t_k - t_q)
     return b_k, b_v, b_s, m_s
 
 
 @triton.autotune(
-    configs=_configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)]),
-    key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
+    configs=_autotune_configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)]),
+    key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim},
 )
 @triton.jit
 def _attn_fwd_kernel(
@@ -93,19 +92,20 @@ def _attn_fwd_kernel(
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
-    T_Q, T_K, H_Q, N_REP, HEAD_DIM, scale_log2,
-    T_Q_BUCKET, T_K_BUCKET,
+    t_q, t_k, h_q, n_rep, head_dim, scale_log2,
+    t_q_bucket, t_k_bucket,
     CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """o and the base-2 log-sum-exp of one query block of one (batch, query head), by online softmax over keys."""
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_b, i_hq, i_hk, o_m, o_d, m_m, m_d, hi = _query_block(i_m, i_bh, T_Q, T_K, H_Q, N_REP, HEAD_DIM,
+    i_b, i_hq, i_hk, o_m, o_d, m_m, m_d, hi = _query_block(i_m, i_bh, t_q, t_k, h_q, n_rep, head_dim,
                                                            CAUSAL, BLOCK_D, BLOCK_M)
-    p_q = q + i_b * stride_qb + i_hq * stride_qh + o_m[:, None] * stride_qt + o_d[None, :]
+    p_q = q + i_b * stride_qb + i_hq * stride_qh + o_m[:, None] * stride_qt + o_d[None, :]  # [BM, BD]
     b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
-    p_k = k + i_b * stride_kb + i_hk * stride_kh + o_d[None, :]
-    p_v = v + i_b * stride_vb + i_hk * stride_vh + o_d[None, :]
+    p_k = k + i_b * stride_kb + i_hk * stride_kh + o_d[None, :]  # [1, BD]: row 0 of this head's keys
+    p_v = v + i_b * stride_vb + i_hk * stride_vh + o_d[None, :]  # [1, BD]
 
     # Running max (base 2), running denominator and output accumulator, all fp32.
     b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -113,13 +113,13 @@ def _attn_fwd_kernel(
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     for start_n in range(0, hi, BLOCK_N):
-        b_k, b_v, b_s, m_s = _key_block_scores(b_q, p_k, p_v, start_n, o_m, m_m, m_d, stride_kt, stride_vt, T_Q,
-                                               T_K, scale_log2, CAUSAL, DOT_PRECISION, BLOCK_N)
+        b_k, b_v, b_s, m_s = _key_block_scores(b_q, p_k, p_v, start_n, o_m, m_m, m_d, stride_kt, stride_vt, t_q,
+                                               t_k, scale_log2, CAUSAL, DOT_PRECISION, BLOCK_N)
         b_s = tl.where(m_s, b_s, float("-inf"))
         b_max_new = tl.maximum(b_max, tl.max(b_s, 1))
         # A row that has seen only masked keys keeps max -inf; subtract 0 there so exp2 gives 0, not NaN.
         b_max_safe = tl.where(b_max_new == float("-inf"), 0.0, b_max_new)
-        b_p = tl.exp2(b_s - b_max_safe[:, None])
+        b_p = tl.exp2(b_s - b_max_safe[:, None])  # [BM, BN]
         b_alpha = tl.exp2(b_max - b_max_safe)
         b_den = b_den * b_alpha + tl.sum(b_p, 1)
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
@@ -127,12 +127,12 @@ def _attn_fwd_kernel(
 
     # A query that sees no key at all (only when Tq > Tk and causal) outputs 0 and gets lse = +inf, so p = 0
     # in the backward.
-    b_empty = b_den == 0.0
-    b_o = b_acc / tl.where(b_empty, 1.0, b_den)[:, None]
-    b_lse = tl.where(b_empty, float("inf"), b_max + tl.log2(tl.where(b_empty, 1.0, b_den)))
-    p_o = o + i_b * stride_ob + i_hq * stride_oh + o_m[:, None] * stride_ot + o_d[None, :]
+    m_no_key = b_den == 0.0
+    b_o = b_acc / tl.where(m_no_key, 1.0, b_den)[:, None]
+    b_lse = tl.where(m_no_key, float("inf"), b_max + tl.log2(tl.where(m_no_key, 1.0, b_den)))
+    p_o = o + i_b * stride_ob + i_hq * stride_oh + o_m[:, None] * stride_ot + o_d[None, :]  # [BM, BD]
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
-    tl.store(lse + i_bh * T_Q + o_m, b_lse, mask=m_m)
+    tl.store(lse + i_bh * t_q + o_m, b_lse, mask=m_m)
 
 
 @triton.jit
@@ -140,28 +140,29 @@ def _attn_bwd_preprocess_kernel(
     o, do, delta,
     stride_ob, stride_ot, stride_oh,
     stride_dob, stride_dot, stride_doh,
-    T_Q, H_Q, HEAD_DIM,
+    t_q, h_q, head_dim,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """delta = rowsum(do * o) in fp32 for one query block of one (batch, query head)."""
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_b = i_bh // H_Q
-    i_hq = i_bh % H_Q
+    i_b = i_bh // h_q
+    i_hq = i_bh % h_q
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
-    m_m = o_m < T_Q
-    m_md = m_m[:, None] & (o_d < HEAD_DIM)[None, :]
+    m_m = o_m < t_q
+    m_md = m_m[:, None] & (o_d < head_dim)[None, :]  # [BM, BD]
     p_o = o + i_b * stride_ob + i_hq * stride_oh + o_m[:, None] * stride_ot + o_d[None, :]
     b_o = tl.load(p_o, mask=m_md, other=0.0)
-    b_do = tl.load(do + i_b * stride_dob + i_hq * stride_doh + o_m[:, None] * stride_dot + o_d[None, :], mask=m_md,
-                   other=0.0)
-    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
-    tl.store(delta + i_bh * T_Q + o_m, b_delta, mask=m_m)
+    p_do = do + i_b * stride_dob + i_hq * stride_doh + o_m[:, None] * stride_dot + o_d[None, :]
+    b_do = tl.load(p_do, mask=m_md, other=0.0)
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)  # [BM]
+    tl.store(delta + i_bh * t_q + o_m, b_delta, mask=m_m)
 
 
 @triton.autotune(
-    configs=_configs([(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (16, 64, 4, 1), (32, 64, 4, 2)]),
-    key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
+    configs=_autotune_configs([(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (16, 64, 4, 1), (32, 64, 4, 2)]),
+    key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim},
 )
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -171,70 +172,71 @@ def _attn_bwd_dkdv_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh,
     stride_dkb, stride_dkt, stride_dkh,
-    T_Q, T_K, H_Q, H_K, N_REP, HEAD_DIM, sm_scale, scale_log2,
-    T_Q_BUCKET, T_K_BUCKET,
+    t_q, t_k, h_q, h_k, n_rep, head_dim, sm_scale, scale_log2,
+    t_q_bucket, t_k_bucket,
     CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dk and dv of one key block of one (batch, KV head), summed over its query heads and query blocks."""
     # BLOCK_N keys of one KV head stay in registers; BLOCK_M query rows stream past them.
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_b = i_bh // H_K
-    i_hk = i_bh % H_K
+    i_b = i_bh // h_k
+    i_hk = i_bh % h_k
 
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
-    m_n = o_n < T_K
-    m_d = o_d < HEAD_DIM
-    m_nd = m_n[:, None] & m_d[None, :]
+    m_n = o_n < t_k
+    m_d = o_d < head_dim
+    m_nd = m_n[:, None] & m_d[None, :]  # [BN, BD]
 
     p_k = k + i_b * stride_kb + i_hk * stride_kh + o_n[:, None] * stride_kt + o_d[None, :]
     p_v = v + i_b * stride_vb + i_hk * stride_vh + o_n[:, None] * stride_vt + o_d[None, :]
-    b_k = tl.load(p_k, mask=m_nd, other=0.0)
-    b_v = tl.load(p_v, mask=m_nd, other=0.0)
+    b_k = tl.load(p_k, mask=m_nd, other=0.0)  # [BN, BD]
+    b_v = tl.load(p_v, mask=m_nd, other=0.0)  # [BN, BD]
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    offset = T_K - T_Q
+    offset = t_k - t_q
     lo = 0
     if CAUSAL:
         # Query i sees key j iff i >= j - offset: earlier query blocks contribute nothing to these keys.
         lo = tl.maximum(i_n * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
     # GQA: every query head of this KV head's group adds its contribution here, in registers.
-    for i_rep in range(N_REP):
-        i_hq = i_hk * N_REP + i_rep
-        p_q = q + i_b * stride_qb + i_hq * stride_qh + o_d[None, :]
-        p_do = do + i_b * stride_dob + i_hq * stride_doh + o_d[None, :]
-        p_stats = (i_b * H_Q + i_hq) * T_Q
-        for start_m in range(lo, T_Q, BLOCK_M):
+    for i_rep in range(n_rep):
+        i_hq = i_hk * n_rep + i_rep
+        p_q = q + i_b * stride_qb + i_hq * stride_qh + o_d[None, :]  # [1, BD]: row 0 of this query head
+        p_do = do + i_b * stride_dob + i_hq * stride_doh + o_d[None, :]  # [1, BD]
+        o_stats = (i_b * h_q + i_hq) * t_q  # this query head's row 0 in lse and delta
+        for start_m in range(lo, t_q, BLOCK_M):
             o_m = start_m + tl.arange(0, BLOCK_M)
-            m_m = o_m < T_Q
-            m_md = m_m[:, None] & m_d[None, :]
-            b_q = tl.load(p_q + o_m[:, None] * stride_qt, mask=m_md, other=0.0)
-            b_do = tl.load(p_do + o_m[:, None] * stride_dot, mask=m_md, other=0.0)
-            b_lse = tl.load(lse + p_stats + o_m, mask=m_m, other=float("inf"))
-            b_delta = tl.load(delta + p_stats + o_m, mask=m_m, other=0.0)
+            m_m = o_m < t_q
+            m_md = m_m[:, None] & m_d[None, :]  # [BM, BD]
+            b_q = tl.load(p_q + o_m[:, None] * stride_qt, mask=m_md, other=0.0)  # [BM, BD]
+            b_do = tl.load(p_do + o_m[:, None] * stride_dot, mask=m_md, other=0.0)  # [BM, BD]
+            b_lse = tl.load(lse + o_stats + o_m, mask=m_m, other=float("inf"))  # [BM]
+            b_delta = tl.load(delta + o_stats + o_m, mask=m_m, other=0.0)  # [BM]
             # Transposed scores (keys x queries) so dK and dV come out of plain dots.
-            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * scale_log2
-            m_st = m_n[:, None] & m_m[None, :]
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * scale_log2  # [BN, BM]
+            m_st = m_n[:, None] & m_m[None, :]  # [BN, BM]
             if CAUSAL:
                 m_st = m_st & (o_n[:, None] <= o_m[None, :] + offset)
-            b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
+            b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)  # [BN, BM]
             b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
-            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
-            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BN, BM]
+            b_dst = b_pt * (b_dpt - b_delta[None, :])  # [BN, BM]
             b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
 
     b_dk = b_dk * sm_scale
-    o_out = i_b * stride_dkb + i_hk * stride_dkh + o_n[:, None] * stride_dkt + o_d[None, :]
+    o_out = i_b * stride_dkb + i_hk * stride_dkh + o_n[:, None] * stride_dkt + o_d[None, :]  # [BN, BD]
     # dk and dv are allocated alike, so they share strides.
     tl.store(dk + o_out, b_dk.to(dk.dtype.element_ty), mask=m_nd)
     tl.store(dv + o_out, b_dv.to(dv.dtype.element_ty), mask=m_nd)
 
 
 @triton.autotune(
-    configs=_configs([(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 2)]),
-    key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
+    configs=_autotune_configs([(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 2)]),
+    key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim},
 )
 @triton.jit
 def _attn_bwd_dq_kernel(
@@ -244,48 +246,45 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh,
-    T_Q, T_K, H_Q, N_REP, HEAD_DIM, sm_scale, scale_log2,
-    T_Q_BUCKET, T_K_BUCKET,
+    t_q, t_k, h_q, n_rep, head_dim, sm_scale, scale_log2,
+    t_q_bucket, t_k_bucket,
     CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dq of one query block of one (batch, query head), by its own pass over the key blocks it sees."""
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_b, i_hq, i_hk, o_m, o_d, m_m, m_d, hi = _query_block(i_m, i_bh, T_Q, T_K, H_Q, N_REP, HEAD_DIM,
+    i_b, i_hq, i_hk, o_m, o_d, m_m, m_d, hi = _query_block(i_m, i_bh, t_q, t_k, h_q, n_rep, head_dim,
                                                            CAUSAL, BLOCK_D, BLOCK_M)
-    m_md = m_m[:, None] & m_d[None, :]
+    m_md = m_m[:, None] & m_d[None, :]  # [BM, BD]
     p_q = q + i_b * stride_qb + i_hq * stride_qh + o_m[:, None] * stride_qt + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_md, other=0.0)
-    b_do = tl.load(do + i_b * stride_dob + i_hq * stride_doh + o_m[:, None] * stride_dot + o_d[None, :], mask=m_md,
-                   other=0.0)
-    b_lse = tl.load(lse + i_bh * T_Q + o_m, mask=m_m, other=float("inf"))
-    b_delta = tl.load(delta + i_bh * T_Q + o_m, mask=m_m, other=0.0)
+    b_q = tl.load(p_q, mask=m_md, other=0.0)  # [BM, BD]
+    p_do = do + i_b * stride_dob + i_hq * stride_doh + o_m[:, None] * stride_dot + o_d[None, :]
+    b_do = tl.load(p_do, mask=m_md, other=0.0)  # [BM, BD]
+    b_lse = tl.load(lse + i_bh * t_q + o_m, mask=m_m, other=float("inf"))  # [BM]
+    b_delta = tl.load(delta + i_bh * t_q + o_m, mask=m_m, other=0.0)  # [BM]
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    p_k = k + i_b * stride_kb + i_hk * stride_kh + o_d[None, :]
-    p_v = v + i_b * stride_vb + i_hk * stride_vh + o_d[None, :]
+    p_k = k + i_b * stride_kb + i_hk * stride_kh + o_d[None, :]  # [1, BD]: row 0 of this head's keys
+    p_v = v + i_b * stride_vb + i_hk * stride_vh + o_d[None, :]  # [1, BD]
 
     for start_n in range(0, hi, BLOCK_N):
-        b_k, b_v, b_s, m_s = _key_block_scores(b_q, p_k, p_v, start_n, o_m, m_m, m_d, stride_kt, stride_vt, T_Q,
-                                               T_K, scale_log2, CAUSAL, DOT_PRECISION, BLOCK_N)
-        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
-        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_k, b_v, b_s, m_s = _key_block_scores(b_q, p_k, p_v, start_n, o_m, m_m, m_d, stride_kt, stride_vt, t_q,
+                                               t_k, scale_log2, CAUSAL, DOT_PRECISION, BLOCK_N)
+        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)  # [BM, BN]
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BM, BN]
+        b_ds = b_p * (b_dp - b_delta[:, None])  # [BM, BN]
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
 
     b_dq = b_dq * sm_scale
-    p_dq = dq + i_b * stride_dqb + i_hq * stride_dqh + o_m[:, None] * stride_dqt + o_d[None, :]
+    p_dq = dq + i_b * stride_dqb + i_hq * stride_dqh + o_m[:, None] * stride_dqt + o_d[None, :]  # [BM, BD]
     tl.store(p_dq, b_dq.to(dq.dtype.element_ty), mask=m_md)
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """The kernels address D with stride 1; any other layout is read in place."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _launch_args(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
+    """The autotune key and the meta-parameters every attention kernel takes (all but the preprocess)."""
     t_q, t_k, d = q.shape[1], k.shape[1], q.shape[3]
     return {
-        "T_Q_BUCKET": triton.next_power_of_2(t_q), "T_K_BUCKET": triton.next_power_of_2(t_k), "CAUSAL": causal,
+        "t_q_bucket": triton.next_power_of_2(t_q), "t_k_bucket": triton.next_power_of_2(t_k), "CAUSAL": causal,
         "BLOCK_D": max(16, triton.next_power_of_2(d)),
         # fp32 inputs: full-precision dots on a GPU too (tl.dot would use TF32 otherwise).
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
@@ -295,16 +294,12 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
 def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
              sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: returns O (B, Tq, Hq, D) and the base-2 LSE (B, Hq, Tq) in fp32."""
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     batch, t_q, h_q, d = q.shape
     t_k, h_k = k.shape[1], k.shape[2]
-    o = _empty((batch, t_q, h_q, d), q.dtype, q.device)
-    lse = _empty((batch, h_q, t_q), torch.float32, q.device)
-
-    def grid(meta):
-        return (triton.cdiv(t_q, meta["BLOCK_M"]), batch * h_q)
-
-    _attn_fwd_kernel[grid](
+    o = empty_output((batch, t_q, h_q, d), q.dtype, q.device)
+    lse = empty_output((batch, h_q, t_q), torch.float32, q.device)
+    _attn_fwd_kernel[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), batch * h_q)](
         q, k, v, o, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -319,29 +314,24 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
 def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
              lse: torch.Tensor, causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch preprocess, dK/dV and dQ kernels: returns dq, dk, dv shaped like q, k, v."""
-    do, q, k, v, o = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(o)
+    do, q, k, v, o = (unit_last_stride(t) for t in (do, q, k, v, o))
     batch, t_q, h_q, d = q.shape
     t_k, h_k = k.shape[1], k.shape[2]
     n_rep = h_q // h_k
-    block_d = max(16, triton.next_power_of_2(d))
     args = _launch_args(q, k, causal)
 
-    delta = _empty((batch, h_q, t_q), torch.float32, q.device)
+    delta = empty_output((batch, h_q, t_q), torch.float32, q.device)
     pre_block_m = 64
     _attn_bwd_preprocess_kernel[(triton.cdiv(t_q, pre_block_m), batch * h_q)](
         o, do, delta,
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
-        t_q, h_q, d, BLOCK_M=pre_block_m, BLOCK_D=block_d,
+        t_q, h_q, d, BLOCK_M=pre_block_m, BLOCK_D=args["BLOCK_D"],
     )
 
-    dk = _empty(tuple(k.shape), k.dtype, k.device)
-    dv = _empty(tuple(v.shape), v.dtype, v.device)
-
-    def grid_kv(meta):
-        return (triton.cdiv(t_k, meta["BLOCK_N"]), batch * h_k)
-
-    _attn_bwd_dkdv_kernel[grid_kv](
+    dk = empty_output(tuple(k.shape), k.dtype, k.device)
+    dv = empty_output(tuple(v.shape), v.dtype, v.device)
+    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), batch * h_k)](
         q, k, v, do, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -352,12 +342,8 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         **args,
     )
 
-    dq = _empty(tuple(q.shape), q.dtype, q.device)
-
-    def grid_q(meta):
-        return (triton.cdiv(t_q, meta["BLOCK_M"]), batch * h_q)
-
-    _attn_bwd_dq_kernel[grid_q](
+    dq = empty_output(tuple(q.shape), q.dtype, q.device)
+    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), batch * h_q)](
         q, k, v, do, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -379,6 +365,7 @@ def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
 
 @_flash_attn_fwd_op.register_fake
 def _(q, k, v, causal, sm_scale):
+    """Output shapes for tracing: o like q, lse (B, Hq, Tq) fp32."""
     batch, t_q, h_q, d = q.shape
     return q.new_empty((batch, t_q, h_q, d)), q.new_empty((batch, h_q, t_q), dtype=torch.float32)
 
@@ -392,6 +379,7 @@ def _flash_attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 
 @_flash_attn_bwd_op.register_fake
 def _(do, q, k, v, o, lse, causal, sm_scale):
+    """Output shapes for tracing: dq, dk, dv like q, k, v."""
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

@@ -5,15 +5,12 @@ Forward saves rstd (fp32, one per row). Backward computes dX row-wise and dW as 
 Any hidden size: a row is one block of next_power_of_2(H) columns, masked.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels import _empty
+from kernels._common import elements_per_program, empty_output, unit_last_stride
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_FUSED_SIZE = 65536
 
 
@@ -21,54 +18,60 @@ MAX_FUSED_SIZE = 65536
 def _rms_norm_fwd_kernel(
     x, w, y, rstd,
     stride_x, stride_y,
-    N_ROWS, N_COLS, eps,
+    n_rows, n_cols, eps,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    """y and rstd of BLOCK_R rows of x."""
     i_r = tl.program_id(0)
-    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    o_h = tl.arange(0, BLOCK_H)
-    m_r = o_r < N_ROWS
-    m_h = o_h < N_COLS
-    m_rh = m_r[:, None] & m_h[None, :]
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    o_h = tl.arange(0, BLOCK_H)  # [BH]
+    m_r = o_r < n_rows
+    m_h = o_h < n_cols
+    m_rh = m_r[:, None] & m_h[None, :]  # [BR, BH]
 
-    b_x = tl.load(x + o_r[:, None] * stride_x + o_h[None, :], mask=m_rh, other=0.0).to(tl.float32)
-    b_w = tl.load(w + o_h, mask=m_h, other=0.0).to(tl.float32)
+    p_x = x + o_r[:, None] * stride_x + o_h[None, :]
+    b_x = tl.load(p_x, mask=m_rh, other=0.0).to(tl.float32)  # [BR, BH]
+    b_w = tl.load(w + o_h, mask=m_h, other=0.0).to(tl.float32)  # [BH]
     # Masked columns load 0, so the sum of squares is over the real columns only.
-    b_rstd = tl.rsqrt(tl.sum(b_x * b_x, 1) / N_COLS + eps)
+    b_rstd = tl.rsqrt(tl.sum(b_x * b_x, 1) / n_cols + eps)  # [BR]
     b_y = b_x * b_rstd[:, None] * b_w[None, :]
-    tl.store(y + o_r[:, None] * stride_y + o_h[None, :], b_y.to(y.dtype.element_ty), mask=m_rh)
+    p_y = y + o_r[:, None] * stride_y + o_h[None, :]
+    tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_rh)
     tl.store(rstd + o_r, b_rstd, mask=m_r)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY, X, W, RSTD, DX, DW_PARTIAL,
+    dy, x, w, rstd, dx, dw_partial,
     stride_dy, stride_x, stride_dx,
-    N_ROWS, N_COLS, ROWS_PER_PROGRAM,
+    n_rows, n_cols, rows_per_program,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    # Each program owns a contiguous slab of rows and writes its own fp32 partial of dW.
+    """dx of a contiguous slab of rows, and that slab's fp32 partial of dw (one row of dw_partial)."""
     i_p = tl.program_id(0)
-    o_h = tl.arange(0, BLOCK_H)
-    m_h = o_h < N_COLS
-    b_w = tl.load(W + o_h, mask=m_h, other=0.0).to(tl.float32)
+    o_h = tl.arange(0, BLOCK_H)  # [BH]
+    m_h = o_h < n_cols
+    b_w = tl.load(w + o_h, mask=m_h, other=0.0).to(tl.float32)  # [BH]
     b_dw = tl.zeros([BLOCK_H], dtype=tl.float32)
-    row_start = i_p * ROWS_PER_PROGRAM
-    row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, N_ROWS)
+    row_start = i_p * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
     for start_r in range(row_start, row_end, BLOCK_R):
-        o_r = start_r + tl.arange(0, BLOCK_R)
+        o_r = start_r + tl.arange(0, BLOCK_R)  # [BR]
         m_r = o_r < row_end
-        m_rh = m_r[:, None] & m_h[None, :]
-        b_dy = tl.load(DY + o_r[:, None] * stride_dy + o_h[None, :], mask=m_rh, other=0.0).to(tl.float32)
-        b_x = tl.load(X + o_r[:, None] * stride_x + o_h[None, :], mask=m_rh, other=0.0).to(tl.float32)
-        b_rstd = tl.load(RSTD + o_r, mask=m_r, other=0.0)
+        m_rh = m_r[:, None] & m_h[None, :]  # [BR, BH]
+        p_dy = dy + o_r[:, None] * stride_dy + o_h[None, :]
+        b_dy = tl.load(p_dy, mask=m_rh, other=0.0).to(tl.float32)  # [BR, BH]
+        p_x = x + o_r[:, None] * stride_x + o_h[None, :]
+        b_x = tl.load(p_x, mask=m_rh, other=0.0).to(tl.float32)  # [BR, BH]
+        b_rstd = tl.load(rstd + o_r, mask=m_r, other=0.0)  # [BR]
         b_xhat = b_x * b_rstd[:, None]
         b_dyw = b_dy * b_w[None, :]
         # dx = rstd * (dy*w - xhat * mean(dy*w*xhat)), the mean taken over the real columns.
-        b_dx = b_rstd[:, None] * (b_dyw - b_xhat * (tl.sum(b_dyw * b_xhat, 1) / N_COLS)[:, None])
-        tl.store(DX + o_r[:, None] * stride_dx + o_h[None, :], b_dx.to(DX.dtype.element_ty), mask=m_rh)
+        b_dx = b_rstd[:, None] * (b_dyw - b_xhat * (tl.sum(b_dyw * b_xhat, 1) / n_cols)[:, None])
+        p_dx = dx + o_r[:, None] * stride_dx + o_h[None, :]
+        tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=m_rh)
         b_dw += tl.sum(b_dy * b_xhat, 0)
-    tl.store(DW_PARTIAL + i_p * N_COLS + o_h, b_dw, mask=m_h)
+    tl.store(dw_partial + i_p * n_cols + o_h, b_dw, mask=m_h)
 
 
 def _block_sizes(n_cols: int) -> tuple[int, int, int]:
@@ -76,17 +79,14 @@ def _block_sizes(n_cols: int) -> tuple[int, int, int]:
     block_h = triton.next_power_of_2(n_cols)
     if block_h > MAX_FUSED_SIZE:
         raise ValueError(f"x.shape[-1] ({n_cols}) must be at most {MAX_FUSED_SIZE} for the Triton RMSNorm")
-    # Interpreter: fewer, bigger programs (each costs ~2 ms); GPU: about 4k elements per program.
-    budget = 16384 if _INTERPRET else 4096
-    block_r = max(1, min(64, budget // block_h))
+    block_r = max(1, min(64, elements_per_program(4096) // block_h))
     num_warps = 4 if block_h * block_r <= 4096 else 8 if block_h * block_r <= 16384 else 16
     return block_r, block_h, num_warps
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """View as (rows, H) with unit column stride (copies only if needed)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+    return unit_last_stride(t.reshape(-1, t.shape[-1]))
 
 
 def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +94,8 @@ def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Te
     x2, w = _rows(x), w.contiguous()
     n_rows, n_cols = x2.shape
     block_r, block_h, num_warps = _block_sizes(n_cols)
-    y = _empty((n_rows, n_cols), x.dtype, x.device)
-    rstd = _empty((n_rows,), torch.float32, x.device)
+    y = empty_output((n_rows, n_cols), x.dtype, x.device)
+    rstd = empty_output((n_rows,), torch.float32, x.device)
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
         x2, w, y, rstd, x2.stride(0), y.stride(0), n_rows, n_cols, eps,
         BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps,
@@ -104,6 +104,7 @@ def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Te
 
 
 def _num_programs(n_rows: int, block_r: int, device: torch.device) -> int:
+    """How many backward programs (dw partials): a few per SM on a GPU, a few in all when interpreting."""
     if device.type == "cuda":
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
@@ -121,8 +122,8 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
     # Whole BLOCK_R steps per program, so a program's rows never straddle another's.
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, n_programs), block_r) * block_r
     n_programs = triton.cdiv(n_rows, rows_per_program)
-    dx = _empty((n_rows, n_cols), x.dtype, x.device)
-    dw_partial = _empty((n_programs, n_cols), torch.float32, x.device)
+    dx = empty_output((n_rows, n_cols), x.dtype, x.device)
+    dw_partial = empty_output((n_programs, n_cols), torch.float32, x.device)
     _rms_norm_bwd_kernel[(n_programs,)](
         dy2, x2, w, rstd, dx, dw_partial,
         dy2.stride(0), x2.stride(0), dx.stride(0),
@@ -139,6 +140,7 @@ def _rms_norm_fwd_op(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torc
 
 @_rms_norm_fwd_op.register_fake
 def _(x, w, eps):
+    """Output shapes for tracing: y like x, rstd one fp32 per row."""
     return x.new_empty(x.shape), x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
 
 
@@ -150,6 +152,7 @@ def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
 
 @_rms_norm_bwd_op.register_fake
 def _(dy, x, w, rstd):
+    """Output shapes for tracing: dx like x, dw like w."""
     return x.new_empty(x.shape), w.new_empty(w.shape)
 
 

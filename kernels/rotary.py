@@ -7,64 +7,61 @@ fp32, row t for the token at position t of x: to decode at an offset, pass the r
 The backward is the same rotation by the opposite angle (sin negated), so one kernel does both.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels import _empty
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from kernels._common import elements_per_program, empty_output, unit_last_stride
 
 
 @triton.jit
 def _rotary_kernel(
-    X, COS, SIN, OUT,
+    x, cos, sin, out,
     stride_xb, stride_xt, stride_xh,
-    stride_cos, N_ROWS, T, H, HALF,
+    stride_cos, n_rows, t, h, half,
     BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
-    # A row is one (batch, token, head) vector of D elements; the output is contiguous (B, T, H, D).
+    """Rotate BLOCK_R rows, each one (batch, token, head) vector of D elements, into the contiguous (B, T, H, D) out."""
     i_r = tl.program_id(0)
-    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    o_d = tl.arange(0, BLOCK_HALF)
-    m_r = o_r < N_ROWS
-    m_d = o_d < HALF
-    m_rd = m_r[:, None] & m_d[None, :]
-    i_b = o_r // (T * H)
-    i_t = (o_r // H) % T
-    i_h = o_r % H
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    o_d = tl.arange(0, BLOCK_HALF)  # [BHALF]
+    m_r = o_r < n_rows
+    m_d = o_d < half
+    m_rd = m_r[:, None] & m_d[None, :]  # [BR, BHALF]
+    # Each row's batch, token and head.
+    o_b = o_r // (t * h)
+    o_t = (o_r // h) % t
+    o_h = o_r % h
 
-    p_x1 = X + (i_b * stride_xb + i_t * stride_xt + i_h * stride_xh)[:, None] + o_d[None, :]
+    p_x1 = x + (o_b * stride_xb + o_t * stride_xt + o_h * stride_xh)[:, None] + o_d[None, :]  # [BR, BHALF]
     b_x1 = tl.load(p_x1, mask=m_rd, other=0.0).to(tl.float32)
-    b_x2 = tl.load(p_x1 + HALF, mask=m_rd, other=0.0).to(tl.float32)
-    p_cs = i_t[:, None] * stride_cos + o_d[None, :]
-    b_cos = tl.load(COS + p_cs, mask=m_rd, other=0.0).to(tl.float32)
-    b_sin = tl.load(SIN + p_cs, mask=m_rd, other=0.0).to(tl.float32)
+    b_x2 = tl.load(p_x1 + half, mask=m_rd, other=0.0).to(tl.float32)
+    o_cs = o_t[:, None] * stride_cos + o_d[None, :]  # [BR, BHALF]
+    b_cos = tl.load(cos + o_cs, mask=m_rd, other=0.0).to(tl.float32)
+    b_sin = tl.load(sin + o_cs, mask=m_rd, other=0.0).to(tl.float32)
     if BACKWARD:
         b_sin = -b_sin  # the transpose of a rotation is the rotation by -angle
 
     b_y1 = b_x1 * b_cos - b_x2 * b_sin
     b_y2 = b_x2 * b_cos + b_x1 * b_sin
-    p_y1 = OUT + o_r[:, None] * (2 * HALF) + o_d[None, :]
-    tl.store(p_y1, b_y1.to(OUT.dtype.element_ty), mask=m_rd)
-    tl.store(p_y1 + HALF, b_y2.to(OUT.dtype.element_ty), mask=m_rd)
+    p_y1 = out + o_r[:, None] * (2 * half) + o_d[None, :]  # [BR, BHALF]
+    tl.store(p_y1, b_y1.to(out.dtype.element_ty), mask=m_rd)
+    tl.store(p_y1 + half, b_y2.to(out.dtype.element_ty), mask=m_rd)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    """Launch the rotation (by -angle when backward) into a new contiguous tensor shaped like x."""
+    x = unit_last_stride(x)
     cos, sin = cos.contiguous(), sin.contiguous()
     batch, t, h, d = x.shape
     half = d // 2
-    out = _empty((batch, t, h, d), x.dtype, x.device)
+    out = empty_output((batch, t, h, d), x.dtype, x.device)
     n_rows = batch * t * h
     if n_rows == 0:
         return out
     block_half = triton.next_power_of_2(half)
-    # Interpreter: few big programs (each costs ~2 ms); GPU: about 2k pairs per program.
-    block_r = max(1, (16384 if _INTERPRET else 2048) // block_half)
+    # On a GPU, about 2k pairs per program.
+    block_r = max(1, elements_per_program(2048) // block_half)
     _rotary_kernel[(triton.cdiv(n_rows, block_r),)](
         x, cos, sin, out,
         x.stride(0), x.stride(1), x.stride(2),
@@ -91,6 +88,7 @@ def _rotary_fwd_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
 @_rotary_fwd_op.register_fake
 def _(x, cos, sin):
+    """Output shape for tracing: like x."""
     return x.new_empty(x.shape)
 
 
@@ -101,6 +99,7 @@ def _rotary_bwd_op(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 @_rotary_bwd_op.register_fake
 def _(dy, cos, sin):
+    """Output shape for tracing: like dy."""
     return dy.new_empty(dy.shape)
 
 

@@ -1,4 +1,4 @@
-"""The one correctness rule for every kernel test (GEB.md): a kernel may be at most `factor` times as wrong as
+"""The one correctness rule for every kernel test and benchmark: a kernel may be at most `factor` times as wrong as
 PyTorch in the same dtype, plus a small absolute slack.
 
     max|out - ref| <= factor * max|torch_same_dtype - ref| + atol
@@ -32,7 +32,7 @@ def assert_rule(name: str, out: torch.Tensor, ref: torch.Tensor, same: torch.Ten
 
 @contextmanager
 def poisoned_outputs():
-    """Kernels allocate their outputs NaN-filled inside this block (kernels._empty reads GEB_KERNELS_POISON)."""
+    """Kernel outputs are NaN-filled inside this block (kernels._common.empty_output reads GEB_KERNELS_POISON)."""
     old = os.environ.get("GEB_KERNELS_POISON")
     os.environ["GEB_KERNELS_POISON"] = "1"
     try:
