@@ -13,7 +13,7 @@ LOGITS = ("all", "last", "none")  # what GEB.forward returns as logits
 
 
 def rope_cos_sin(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (T, head_dim // 2), computed in fp32 from fp32 positions."""
+    """cos and sin of shape (T, head_dim // 2) for positions (T,), computed in fp32."""
     # GEB keeps positions in fp32: in bf16, positions above 256 collide and the angles repeat.
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
@@ -183,7 +183,8 @@ class GEB(nn.Module):
         return 6 * matmul_weights + 6 * self.config.n_layers * seq_len * self.config.n_heads * self.config.head_dim
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> None:
-        """Allocate a static KV cache in every layer (for decoding); see clear_kv_cache."""
+        """Allocate a static KV cache in every layer (for decoding): forward then takes input_pos and writes the
+        cache there; see clear_kv_cache."""
         weight = self.embed_tokens.weight
         max_seq_len = max_seq_len or self.config.max_seq_len
         for layer in self.layers:
