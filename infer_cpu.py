@@ -19,6 +19,13 @@ from pathlib import Path
 
 import torch
 
+from geb.checkpoint import CheckpointError, list_checkpoints, load_model
+from geb.config import PRESETS, preset
+from geb.cpu_linear import convert_for_cpu
+from geb.generate import Decoder, GenerationStats, fit_prompt
+from geb.model import GEB
+from geb.tokenizer import Tokenizer
+
 DEFAULT_RUN = "out/tiny"
 TRAIN_HINT = "torchrun --standalone --nproc_per_node=2 train.py` (or `python train.py`)"
 
@@ -28,11 +35,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def random_model(preset_name: str, seed: int = 0):
+def random_model(preset_name: str, seed: int = 0) -> GEB:
     """A random-init GEB of a preset, built on the meta device then filled once (no second copy, no slow init)."""
-    from geb.config import preset
-    from geb.model import GEB
-
     config = preset(preset_name, dropout=0.0)
     with torch.device("meta"):
         model = GEB(config)
@@ -50,22 +54,18 @@ def random_model(preset_name: str, seed: int = 0):
     return model.eval()
 
 
-def prepare(model, quant: str, compile: bool, cache_len: int, compile_mode: str | None):
+def make_decoder(model: GEB, quant: str, compile: bool, cache_len: int,
+                 compile_mode: str | None) -> tuple[Decoder, str, float]:
     """Fuse projections and convert the linear layers' weights (int8, or fp32 for batch-1 decoding), then build the
-    Generator (its decode step compiled lazily on first use); also the weight format used and the seconds spent."""
-    from geb.cpu_linear import convert_for_cpu
-    from geb.generate import Generator
-
+    Decoder (its decode step compiled lazily on first use); also the weight format used and the seconds spent."""
     t0 = time.perf_counter()
     method = convert_for_cpu(model, quant)
     quant_s = time.perf_counter() - t0
-    return Generator(model, max_seq_len=cache_len, compile=compile, compile_mode=compile_mode), method, quant_s
+    return Decoder(model, max_seq_len=cache_len, compile=compile, compile_mode=compile_mode), method, quant_s
 
 
-def bench(args) -> None:
+def run_bench(args: argparse.Namespace) -> None:
     """Random-init model from --preset: time load, compile, prefill and decode; one JSON line on stdout."""
-    from geb.generate import GenerationStats
-
     loadavg = os.getloadavg()[0]  # other processes on the box distort the figures: report how busy it was
     t0 = time.perf_counter()
     model = random_model(args.preset, args.seed or 0)
@@ -74,10 +74,10 @@ def bench(args) -> None:
                            generator=torch.Generator().manual_seed(1)).tolist()
     cache_len = min(model.config.max_seq_len, len(prompt) + new_tokens)
     load_s = time.perf_counter() - t0
-    gen, method, quant_s = prepare(model, args.quant, args.compile, cache_len, args.compile_mode)
+    decoder, method, quant_s = make_decoder(model, args.quant, args.compile, cache_len, args.compile_mode)
     stats = GenerationStats()
-    compile_s = gen.warmup()  # eager warmup too, so first-call allocations do not count as decode time
-    for _ in gen.generate(prompt, new_tokens, temperature=0.0, stats=stats):
+    compile_s = decoder.warmup()  # eager warmup too, so first-call allocations do not count as decode time
+    for _ in decoder.generate(prompt, new_tokens, temperature=0.0, stats=stats):
         pass
     print(json.dumps({
         "preset": args.preset, "quant": args.quant, "quant_method": method, "compile": args.compile,
@@ -91,10 +91,8 @@ def bench(args) -> None:
     }), flush=True)
 
 
-def load(args):
+def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GEB, Tokenizer]:
     """Model and tokenizer of --ckpt (default: the latest checkpoint of out/tiny); user errors exit with one line."""
-    from geb.checkpoint import CheckpointError, list_checkpoints, load_model
-
     source = Path(args.ckpt or DEFAULT_RUN)
     if args.ckpt is None and not list_checkpoints(source):
         sys.exit(f"error: no checkpoint in {source}/; train one with `{TRAIN_HINT}, or pass --ckpt PATH")
@@ -107,8 +105,6 @@ def load(args):
         where = source if source.is_dir() else source.parent
         sys.exit(f"error: --ckpt {source}: no tokenizer.model found (looked in {where}/ and the checkpoint's "
                  "data_dir); copy the tokenizer the model was trained with there")
-    from geb.tokenizer import Tokenizer
-
     try:
         tokenizer = Tokenizer(tokenizer_path)
     except ValueError as e:
@@ -119,42 +115,50 @@ def load(args):
     return model, tokenizer
 
 
-def generate(args) -> None:
-    """Stream the continuation of --prompt to stdout, stats to stderr."""
-    from geb.generate import GenerationStats, fit_prompt
-
-    t0 = time.perf_counter()
-    model, tok = load(args)
-    start = [tok.eos_id if tok.eos_id >= 0 else tok.bos_id]
-    if start[0] < 0:
-        start = []
-    prompt = fit_prompt(start + tok.encode(args.prompt), model.config.max_seq_len, args.max_new_tokens)
+def encode_prompt(tokenizer: Tokenizer, text: str, context: int, max_new_tokens: int) -> list[int]:
+    """EOS (or BOS) then text's tokens, cut to fit the context; exits with one line if that leaves nothing."""
+    start = tokenizer.eos_id if tokenizer.eos_id >= 0 else tokenizer.bos_id
+    prompt = fit_prompt(([start] if start >= 0 else []) + tokenizer.encode(text), context, max_new_tokens)
     if not prompt:
         sys.exit("error: --prompt is empty and the tokenizer has neither EOS nor BOS to start from")
-    cache_len = min(model.config.max_seq_len, len(prompt) + args.max_new_tokens)
-    gen, _, _ = prepare(model, args.quant, args.compile, cache_len, args.compile_mode)
-    load_s = time.perf_counter() - t0  # checkpoint, tokenizer and quantization
-    compile_s = gen.warmup() if args.compile else 0.0
-    temperature = 0.0 if args.greedy else args.temperature
-    stats = GenerationStats()
-    decoder = tok.stream_decoder()
+    return prompt
+
+
+def stream_continuation(decoder: Decoder, tokenizer: Tokenizer, prompt: list[int], args: argparse.Namespace,
+                        stats: GenerationStats) -> bool:
+    """Write the continuation of prompt to stdout as it is decoded; whether Ctrl-C stopped it."""
+    text_decoder = tokenizer.stream_decoder()
     for t in prompt:  # prime the decoder so the continuation's first piece decodes in context (leading spaces)
-        decoder.push(t)
-    decoder.flush()
-    out = sys.stdout
+        text_decoder.push(t)
+    text_decoder.flush()
+    temperature = 0.0 if args.greedy else args.temperature
     interrupted = False
     try:
-        for token in gen.generate(prompt, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
-                                  top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id, stats=stats,
-                                  vocab_size=tok.vocab_size):
-            text = decoder.push(token)
+        for token in decoder.generate(prompt, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
+                                      top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id, stats=stats,
+                                      vocab_size=tokenizer.vocab_size):
+            text = text_decoder.push(token)
             if text:
-                out.write(text)
-                out.flush()
+                sys.stdout.write(text)
+                sys.stdout.flush()
     except KeyboardInterrupt:
         interrupted = True
-    out.write(decoder.flush() + "\n")
-    out.flush()
+    sys.stdout.write(text_decoder.flush() + "\n")
+    sys.stdout.flush()
+    return interrupted
+
+
+def run_prompt(args: argparse.Namespace) -> None:
+    """Stream the continuation of --prompt to stdout, stats to stderr."""
+    t0 = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(args)
+    prompt = encode_prompt(tokenizer, args.prompt, model.config.max_seq_len, args.max_new_tokens)
+    cache_len = min(model.config.max_seq_len, len(prompt) + args.max_new_tokens)
+    decoder, _, _ = make_decoder(model, args.quant, args.compile, cache_len, args.compile_mode)
+    load_s = time.perf_counter() - t0  # checkpoint, tokenizer and quantization
+    compile_s = decoder.warmup() if args.compile else 0.0
+    stats = GenerationStats()
+    interrupted = stream_continuation(decoder, tokenizer, prompt, args, stats)
     stop = "interrupted" if interrupted else stats.stop_reason
     print(f"[prompt {stats.prompt_tokens} tokens | prefill {stats.prefill_tokens_per_s:.1f} tok/s | "
           f"decode {stats.decode_tokens_per_s:.2f} tok/s ({stats.new_tokens} tokens, stop: {stop}) | "
@@ -162,6 +166,7 @@ def generate(args) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: a bad value exits with one line naming its flag."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default="", help="text to continue (default: empty = start a new document)")
@@ -193,7 +198,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.top_k is not None and args.top_k < 0:
         p.error(f"--top-k must be >= 0, got {args.top_k}")
     if args.bench:
-        from geb.config import PRESETS
         if args.preset not in PRESETS:
             p.error(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
     elif args.max_new_tokens is None:
@@ -202,11 +206,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse the flags, then --bench or stream the continuation of --prompt."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     try:
         with torch.no_grad():
-            bench(args) if args.bench else generate(args)
+            run_bench(args) if args.bench else run_prompt(args)
     except KeyboardInterrupt:  # outside the token loop (loading, compiling): stop quietly
         print(file=sys.stderr)
     except BrokenPipeError:  # `| head`: the reader is gone

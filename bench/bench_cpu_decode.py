@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import infer_cpu
-from geb.generate import GenerationStats, Generator
+from geb.generate import Decoder, GenerationStats
 from geb.hf import export_hf, load_hf
 
 PRESET = os.environ.get("GEB_BENCH_PRESET", "tiny")
@@ -35,13 +35,13 @@ PROMPT_TOKENS = 16
 Decode = Callable[[], tuple[float, list[int]]]  # one greedy decode of the prompt: (decode tokens/s, new tokens)
 
 
-def geb_engine(gen: Generator, prompt: list[int], n: int) -> Decode:
-    """geb's Generator (warmed up, and compiled if it compiles, here: compile time is not counted)."""
-    gen.warmup()
+def geb_engine(decoder: Decoder, prompt: list[int], n: int) -> Decode:
+    """geb's Decoder (warmed up, and compiled if it compiles, here: compile time is not counted)."""
+    decoder.warmup()
 
     def decode():
         stats = GenerationStats()
-        tokens = list(gen.generate(prompt, n, temperature=0.0, stats=stats))
+        tokens = list(decoder.generate(prompt, n, temperature=0.0, stats=stats))
         return stats.decode_tokens_per_s, tokens
     return decode
 
@@ -107,7 +107,7 @@ def test_cpu_decode_side_by_side(tmp_path):
     geb_kind = "geb compiled" if COMPILE else "geb eager"
     rows = {}
     with torch.no_grad():
-        plain = geb_engine(Generator(model, max_seq_len=PROMPT_TOKENS + TOKENS), prompt, TOKENS)
+        plain = geb_engine(Decoder(model, max_seq_len=PROMPT_TOKENS + TOKENS), prompt, TOKENS)
         rows.update(race({("geb eager", "fp32 (as trained: MKL)"): plain}, ROUNDS))
         ref = rows[("geb eager", "fp32 (as trained: MKL)")][1]
         del plain
@@ -128,12 +128,12 @@ def test_cpu_decode_side_by_side(tmp_path):
                 del model
                 gc.collect()
                 model = load_hf(hf_dir, impl="torch").eval()
-            gen, fmt, _ = infer_cpu.prepare(model, "none" if weights == "fp32" else "int8", COMPILE,
-                                            PROMPT_TOKENS + TOKENS, None)
+            decoder, fmt, _ = infer_cpu.make_decoder(model, "none" if weights == "fp32" else "int8", COMPILE,
+                                                     PROMPT_TOKENS + TOKENS, None)
             label = {"gemv": "fp32 (fused, geb AVX2 kernel)", "onednn": "fp32 (fused, oneDNN-packed)",
                      "plain": "fp32 (fused, MKL)"}.get(fmt)
             label = label or f"int8 (fused, {fmt})"
-            engines[(geb_kind, label)] = geb_engine(gen, prompt, TOKENS)
+            engines[(geb_kind, label)] = geb_engine(decoder, prompt, TOKENS)
             if transformers is not None:
                 hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
                 if weights == "int8":
@@ -149,7 +149,7 @@ def test_cpu_decode_side_by_side(tmp_path):
             rows.update(results)
             if weights == "fp32":  # the same weights give the same greedy continuation in every engine
                 assert all(tokens[:8] == ref[:8] for _, tokens in results.values())
-            del engines, hf, gen
+            del engines, hf, decoder
             torch._dynamo.reset()  # compiled code holds on to the model it was compiled for
             gc.collect()
 

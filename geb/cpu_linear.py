@@ -15,7 +15,6 @@ Int8 methods (measured on our CPU; see BENCHMARKS.md "CPU decode"):
   torch.ao.quantization.quantize_dynamic): int8 weights with one scale per output channel, activations quantized
   per call. Called through a torch.library operator, so torch.compile traces the model in one graph
   (quantize_dynamic's own modules hold a TorchScript object that dynamo cannot trace: fullgraph compilation fails).
-- "ao": torch.ao.quantization.quantize_dynamic itself (deprecated in torch 2.x; per-tensor weight scales; eager only).
 - "woq": weight-only int8 (fp32 activations) through torch._weight_int8pack_mm; the fallback when a torch build
   has no quantized CPU engine. Slow on our CPU, but available everywhere.
 torchao (0.18) was measured too and was slower than all but "woq" here; it is not a dependency.
@@ -32,10 +31,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.utils import cpp_extension
 
 from geb.model import GEB
 
-METHODS = ("auto", "fbgemm", "ao", "woq")
+METHODS = ("auto", "fbgemm", "woq")
 
 # Packed oneDNN and FBGEMM weights, by handle: operators take tensors and scalars, not TorchScript objects or
 # oneDNN-layout tensors (which dynamo cannot trace). Entries live as long as the process (one model per inference
@@ -78,10 +78,8 @@ def _linear_f32_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def _build_directory(name: str) -> Path | None:
     """The directory torch.utils.cpp_extension.load builds extension `name` in; None if torch hides it."""
     try:
-        from torch.utils.cpp_extension import _get_build_directory  # private, but stable for years
-
-        return Path(_get_build_directory(name, verbose=False))
-    except (ImportError, OSError, TypeError):
+        return Path(cpp_extension._get_build_directory(name, verbose=False))  # private, but stable for years
+    except (AttributeError, OSError, TypeError):
         return None
 
 
@@ -105,8 +103,6 @@ def load_gemv() -> bool:
     with a warning if the build failed, where it cannot run."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return False
-    from torch.utils.cpp_extension import load
-
     source = Path(__file__).with_name("gemv.cpp")
     build_dir = _build_directory("geb_gemv")
     if build_dir is not None:
@@ -116,8 +112,8 @@ def load_gemv() -> bool:
                   flush=True)
     try:
         # -mavx2 -mfma, not -march=native: a build cached in a shared home directory must run on any AVX2 machine.
-        load("geb_gemv", [str(source)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-             extra_ldflags=["-fopenmp"], is_python_module=False)
+        cpp_extension.load("geb_gemv", [str(source)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], is_python_module=False)
     except (OSError, RuntimeError, ImportError) as e:  # no compiler or ninja, or a failed build
         warnings.warn(f"could not build {source} ({type(e).__name__}: {e}); fp32 decoding falls back to oneDNN or "
                       "MKL. It needs a C++ compiler and ninja (pip install ninja).", stacklevel=2)
@@ -273,22 +269,10 @@ def convert_for_cpu(model: GEB, quant: str = "none") -> str:
     return pack_fp32(model)
 
 
-def quantize_ao(model: nn.Module) -> int:
-    """torch.ao.quantization.quantize_dynamic on every nn.Linear, in place; the number replaced."""
-    n = sum(isinstance(m, nn.Linear) for m in model.modules())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization and qint8 tensors warn about deprecation
-        torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
-    return n
-
-
 def quantize_int8(model: nn.Module, method: str = "auto") -> str:
-    """Quantize every linear layer of model in place; the method used ("fbgemm", "ao" or "woq")."""
+    """Quantize every linear layer of model in place; the method used ("fbgemm" or "woq")."""
     if method not in METHODS:
         raise ValueError(f"quantization method must be one of {METHODS}, got {method!r}")
-    if method == "ao":
-        quantize_ao(model)
-        return "ao"
     if method in ("auto", "fbgemm"):
         try:
             _replace_linears(model, DynamicInt8Linear)

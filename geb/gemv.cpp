@@ -1,7 +1,8 @@
 // geb::linear_f32: fp32 linear layer for CPU decoding. At batch 1 it is a matrix-vector product bound by how fast the
 // weights stream from memory; this AVX2 kernel streams them faster than oneDNN's and MKL's here (BENCHMARKS.md).
 // A few input rows (a prompt) go through a small tiled kernel that reads each weight row once for all of them;
-// more than kMaxTiledInputs go to at::linear. The schema and the fake kernel are in geb/quant.py, which builds this.
+// more than kMaxTiledInputs go to at::linear. The schema and the fake kernel are in geb/cpu_linear.py, which builds
+// this.
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <immintrin.h>

@@ -1,7 +1,9 @@
 """Batch-1 generation on a static KV cache: one-pass prefill, a (compilable) decode step, and sampling.
 
-Shared by infer_cpu.py and evaluation. The decode step has the same shapes at every position (it attends over the
-whole preallocated cache with a mask), so `torch.compile` compiles it once.
+Used by infer_cpu.py and the CPU decode benchmark. Prefill and decode step are the model's own forward with
+logits="last" (the LM head on the last position only: a prefill needs no T x d_model x vocab product). The decode
+step has the same shapes at every position (it attends over the whole preallocated cache with a mask), so
+`torch.compile` compiles it once.
 """
 
 import sys
@@ -11,18 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from geb.model import GEB, rope_cos_sin
-
-
-def forward_last(model: GEB, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """Logits (B, vocab) of the last position of idx (B, T) at positions input_pos (T,), through the KV cache."""
-    # Mirrors GEB.forward, but with tensor positions (static shapes) and the LM head on the last position only:
-    # in prefill, the full-sequence logits would cost T x 2048 x 64,896 multiply-adds for nothing.
-    x = model.embed_tokens(idx)
-    cos, sin = rope_cos_sin(model.config.head_dim, input_pos, model.config.rope_theta)
-    for layer in model.layers:
-        x = layer(x, cos, sin, input_pos)
-    return model.lm_head(model.norm(x[:, -1]))
+from geb.model import GEB
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -57,7 +48,7 @@ def fit_prompt(prompt: list[int], context: int, max_new_tokens: int) -> list[int
 
 @dataclass
 class GenerationStats:
-    """Timings of one generate() call (seconds); compile_s is the first-call cost of a compiled step."""
+    """Timings of one Decoder.generate call (seconds); compile_s is the first-call cost of a compiled step."""
 
     prompt_tokens: int = 0
     prefill_s: float = 0.0
@@ -77,7 +68,7 @@ class GenerationStats:
         return self.decode_steps / self.decode_s if self.decode_steps and self.decode_s > 0 else 0.0
 
 
-class Generator:
+class Decoder:
     """A model with a static batch-1 KV cache and a decode step, eager or compiled (compiled once, lazily)."""
 
     def __init__(self, model: GEB, max_seq_len: int | None = None, compile: bool = False,
@@ -96,8 +87,9 @@ class Generator:
                                        dynamic=False)
         self.compiled_once = not compile
 
-    def _eager_step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        return forward_last(self.model, token, input_pos)
+    def _eager_step(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, vocab) of the last token of idx (B, T), whose tokens sit at input_pos (T,)."""
+        return self.model(idx, input_pos=input_pos, logits="last")[0]
 
     @torch.no_grad()
     def warmup(self) -> float:
@@ -125,13 +117,13 @@ class Generator:
         stats.prompt_tokens = len(prompt)
         t0 = time.perf_counter()
         idx = torch.tensor([prompt], dtype=torch.long)
-        logits = forward_last(self.model, idx, torch.arange(len(prompt)))  # prefill is eager: its length varies
+        logits = self._eager_step(idx, torch.arange(len(prompt)))  # prefill is eager: its length varies
         stats.prefill_s = time.perf_counter() - t0
         pos = len(prompt)
         stats.stop_reason = "max_new_tokens"
         while stats.new_tokens < max_new_tokens:
             t0 = time.perf_counter()
-            token = sample(logits[0, :vocab_size], temperature, top_k, top_p, gen)
+            token = sample(logits[0, -1, :vocab_size], temperature, top_k, top_p, gen)
             stats.decode_s += time.perf_counter() - t0
             if eos_id is not None and token == eos_id:
                 stats.stop_reason = "eos"

@@ -9,9 +9,11 @@ import torch.nn.functional as F
 import kernels
 from geb.config import ModelConfig
 
+LOGITS = ("all", "last", "none")  # what GEB.forward returns as logits
+
 
 def rope_cos_sin(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (T, head_dim // 2), computed in fp32 from fp32 positions."""
+    """cos and sin of shape (T, head_dim // 2) for positions (T,), computed in fp32."""
     # GEB keeps positions in fp32: in bf16, positions above 256 collide and the angles repeat.
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
@@ -38,16 +40,8 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v at [start_pos, start_pos + T) and return all keys and values up to there."""
-        end = start_pos + k.shape[1]
-        self.k[:, start_pos:end] = k
-        self.v[:, start_pos:end] = v
-        return self.k[:, :end], self.v[:, :end]
-
-    def update_static(self, input_pos: torch.Tensor, k: torch.Tensor,
-                      v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v at positions input_pos (T,) and return the whole cache (static shape, for torch.compile)."""
+    def write(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, T, kv_heads, head_dim) at positions input_pos (T,); the whole cache (static shapes)."""
         self.k.index_copy_(1, input_pos, k)
         self.v.index_copy_(1, input_pos, v)
         return self.k, self.v
@@ -87,8 +81,8 @@ class Attention(nn.Module):
         return self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                start_pos: int | torch.Tensor = 0) -> torch.Tensor:
-        """start_pos: an int, or with a KV cache a (T,) tensor of positions (static-shape decoding)."""
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, d_model); cos/sin (T, head_dim // 2); input_pos (T,), the positions written to the KV cache."""
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.view(b, t, self.n_heads, self.head_dim)
@@ -96,17 +90,15 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv_heads, self.head_dim)
         q = kernels.apply_rotary(q, cos, sin, impl=self.impl)
         k = kernels.apply_rotary(k, cos, sin, impl=self.impl)
-        if self.kv_cache is not None and isinstance(start_pos, torch.Tensor):
-            # gpt-fast style: attend over the whole preallocated cache with a mask, so every decode step has the
+        if self.kv_cache is None:
+            y = kernels.flash_attn_func(q, k, v, causal=True, impl=self.impl)
+        else:
+            # gpt-fast's shape: attend over the whole preallocated cache with a mask, so every decode step has the
             # same shapes and a compiled step never recompiles. kernels.flash_attn_func takes no mask, hence SDPA.
-            k, v = self.kv_cache.update_static(start_pos, k, v)
-            mask = torch.arange(k.shape[1], device=x.device)[None, :] <= start_pos[:, None]
+            k, v = self.kv_cache.write(input_pos, k, v)
+            mask = torch.arange(k.shape[1], device=x.device)[None, :] <= input_pos[:, None]
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                attn_mask=mask, enable_gqa=True).transpose(1, 2)
-            return self.o_proj(y.reshape(b, t, self.n_heads * self.head_dim))
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(start_pos, k, v)
-        y = kernels.flash_attn_func(q, k, v, causal=True, impl=self.impl)
         return self.o_proj(y.reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -143,11 +135,12 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.post_norm = config.norm_position == "post"
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
         if self.post_norm:
-            x = self.input_layernorm(x + self.dropout(self.self_attn(x, cos, sin, start_pos)))
+            x = self.input_layernorm(x + self.dropout(self.self_attn(x, cos, sin, input_pos)))
             return self.post_attention_layernorm(x + self.dropout(self.mlp(x)))
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, start_pos))
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, input_pos))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -164,8 +157,6 @@ class GEB(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # GLM-style shrink of the embedding's gradient (1.0 = off); train.py sets it for early steps.
-        self.embedding_grad_scale = 1.0
         self.apply(self._init_weights)
         residual_std = 0.02 / math.sqrt(2 * config.n_layers)
         for layer in self.layers:
@@ -192,7 +183,8 @@ class GEB(nn.Module):
         return 6 * matmul_weights + 6 * self.config.n_layers * seq_len * self.config.n_heads * self.config.head_dim
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> None:
-        """Allocate a static KV cache in every layer (for decoding); see clear_kv_cache."""
+        """Allocate a static KV cache in every layer (for decoding): forward then takes input_pos and writes the
+        cache there; see clear_kv_cache."""
         weight = self.embed_tokens.weight
         max_seq_len = max_seq_len or self.config.max_seq_len
         for layer in self.layers:
@@ -211,24 +203,55 @@ class GEB(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab), and the mean cross-entropy over targets >= 0 when targets are given."""
-        t = idx.shape[1]
-        if start_pos + t > self.config.max_seq_len:
-            raise ValueError(f"sequence end {start_pos + t} exceeds max_seq_len {self.config.max_seq_len}")
-        x = self.embed_tokens(idx)
-        if self.embedding_grad_scale != 1.0:
-            x = x * self.embedding_grad_scale + x.detach() * (1.0 - self.embedding_grad_scale)
-        x = self.dropout(x)
-        positions = torch.arange(start_pos, start_pos + t, device=idx.device, dtype=torch.float32)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
+                *, logits: str = "all") -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits and, when targets (B, T) are given, the mean cross-entropy over targets >= 0.
+
+        input_pos (T,): the positions of idx's tokens (default 0..T-1); required with a KV cache, whose entries at
+        input_pos are written. logits: "all" (B, T, vocab); "last" (B, 1, vocab), only the last position through the
+        LM head (a prefill needs nothing more); "none": None, for a loss only.
+        """
+        if logits not in LOGITS:
+            raise ValueError(f"logits must be one of {', '.join(map(repr, LOGITS))}, got {logits!r}")
+        if logits == "last" and targets is not None:
+            raise ValueError("logits='last' computes no loss: pass targets with logits='all' or 'none'")
+        if logits == "none" and targets is None:
+            raise ValueError("logits='none' returns only the loss: it needs targets")
+        positions = self._positions(idx, input_pos)
+        x = self.dropout(self.embed_tokens(idx))
         cos, sin = rope_cos_sin(self.config.head_dim, positions, self.config.rope_theta)
         for layer in self.layers:
-            x = layer(x, cos, sin, start_pos)
-        logits = self.lm_head(self.norm(x))
-        if targets is None:
-            return logits, None
-        flat_targets = targets.reshape(-1).long()
-        flat_targets = flat_targets.masked_fill(flat_targets < 0, -100)
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), flat_targets, ignore_index=-100)
-        return logits, loss
+            x = layer(x, cos, sin, input_pos)
+        if logits == "last":
+            return self.lm_head(self.norm(x[:, -1:])), None
+        out = self.lm_head(self.norm(x))
+        loss = None if targets is None else cross_entropy(out, targets)
+        return (None if logits == "none" else out), loss
+
+    def _positions(self, idx: torch.Tensor, input_pos: torch.Tensor | None) -> torch.Tensor:
+        """The (T,) positions of idx's tokens, checked against max_seq_len and the KV cache."""
+        t = idx.shape[1]
+        if t > self.config.max_seq_len:
+            raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        cache = self.layers[0].self_attn.kv_cache
+        if input_pos is None:
+            if cache is not None:
+                raise ValueError("with a KV cache, pass input_pos: the (T,) positions of idx's tokens")
+            return torch.arange(t, device=idx.device)
+        if tuple(input_pos.shape) != (t,):
+            raise ValueError(f"input_pos must have shape ({t},) for {t} tokens, got {tuple(input_pos.shape)}")
+        if not torch.compiler.is_compiling():  # a compiled decode step has its positions checked by its caller
+            last = int(input_pos.max())
+            if last >= self.config.max_seq_len:
+                raise ValueError(f"position {last} exceeds max_seq_len {self.config.max_seq_len}")
+            if cache is not None and last >= cache.k.shape[1]:
+                raise ValueError(f"position {last} is past the KV cache of {cache.k.shape[1]} positions "
+                                 "(setup_kv_cache max_seq_len)")
+        return input_pos
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (fp32) of logits (B, T, vocab) over the targets (B, T) that are >= 0."""
+    flat_targets = targets.reshape(-1).long()
+    flat_targets = flat_targets.masked_fill(flat_targets < 0, -100)
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), flat_targets, ignore_index=-100)

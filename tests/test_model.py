@@ -1,15 +1,12 @@
-"""The GEB model on the PyTorch reference kernels: causality, GQA, learning, parameter count, config checks."""
+"""The GEB model on the PyTorch reference kernels: causality, GQA, learning, parameter count, config checks, and
+the one forward path: logits "all"/"last"/"none", positions, and KV-cache decoding against full forwards."""
 
 import pytest
 import torch
+from helpers import small_config
 
-from geb.config import ModelConfig, preset
+from geb.config import preset
 from geb.model import GEB
-
-
-def small_config(**overrides) -> ModelConfig:
-    base = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
-    return ModelConfig(**{**base, **overrides})
 
 
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
@@ -94,32 +91,111 @@ def test_geb_1_3b_parameter_count_on_meta():
     assert counts["embedding"] == 2 * 64896 * 2048
 
 
-def test_embedding_grad_scale_shrinks_only_the_gradient():
-    torch.manual_seed(5)
-    model = GEB(small_config(), impl="torch")
-    idx = torch.randint(0, 97, (2, 16))
-    logits_full, loss = model(idx, idx)
-    loss.backward()
-    grad_full = model.embed_tokens.weight.grad.clone()
-    model.zero_grad()
-    model.embedding_grad_scale = 0.1
-    logits_scaled, loss = model(idx, idx)
-    loss.backward()
-    torch.testing.assert_close(logits_scaled, logits_full)
-    torch.testing.assert_close(model.embed_tokens.weight.grad, 0.1 * grad_full)
-
-
 def test_kv_cache_forward_matches_full_forward():
+    """A prefill, a 3-token chunk and one-token steps through the cache, positions as tensors, equal one full
+    forward (the chunk checks the mask inside a chunk that starts past position 0)."""
     torch.manual_seed(6)
     model = GEB(small_config(), impl="torch").eval()
-    idx = torch.randint(0, 97, (1, 20))
+    idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         full, _ = model(idx)
-        model.setup_kv_cache(batch_size=1)
-        prefix, _ = model(idx[:, :12], start_pos=0)
-        steps = [model(idx[:, i:i + 1], start_pos=i)[0] for i in range(12, 20)]
+        model.setup_kv_cache(batch_size=2, max_seq_len=24)
+        chunks = [(0, 12), (12, 15)] + [(i, i + 1) for i in range(15, 20)]
+        got = [model(idx[:, a:b], input_pos=torch.arange(a, b))[0] for a, b in chunks]
         model.clear_kv_cache()
-    torch.testing.assert_close(torch.cat([prefix] + steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(got, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_last_logits_match_full_forward():
+    """The decoder's calls: a prefill and one-token steps with logits="last" give the full forward's rows."""
+    torch.manual_seed(5)
+    model = GEB(small_config(), impl="torch").eval()
+    idx = torch.randint(0, 97, (1, 30))
+    with torch.no_grad():
+        full, _ = model(idx)
+        model.setup_kv_cache(1, 40)
+        prefill, _ = model(idx[:, :10], input_pos=torch.arange(10), logits="last")
+        steps = [model(idx[:, t:t + 1], input_pos=torch.tensor([t]), logits="last")[0] for t in range(10, 30)]
+    assert prefill.shape == (1, 1, 97)
+    torch.testing.assert_close(prefill[:, 0], full[:, 9], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 10:], rtol=1e-5, atol=1e-5)
+
+
+def test_last_logits_are_the_last_row_and_only_it_reaches_the_lm_head():
+    torch.manual_seed(10)
+    model = GEB(small_config(), impl="torch").eval()
+    idx = torch.randint(0, 97, (3, 17))
+    head_inputs = []
+    model.lm_head.register_forward_hook(lambda module, args, out: head_inputs.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        full, _ = model(idx)
+        last, loss = model(idx, logits="last")
+    assert head_inputs == [(3, 17, 64), (3, 1, 64)]  # a prefill does not pay T x d_model x vocab
+    assert last.shape == (3, 1, 97) and loss is None
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-6)
+
+
+def test_loss_only_equals_loss_of_all_logits_with_the_same_gradients():
+    torch.manual_seed(11)
+    model = GEB(small_config(), impl="torch")
+    idx = torch.randint(0, 97, (2, 16))
+    targets = torch.randint(0, 97, (2, 16))
+    targets[1, 3:9] = -1
+    logits, loss = model(idx, targets)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    none, loss_only = model(idx, targets, logits="none")
+    loss_only.backward()
+    assert none is None and logits.shape == (2, 16, 97)
+    torch.testing.assert_close(loss_only, loss, rtol=0, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=0, atol=0, msg=name)
+
+
+def test_input_pos_drives_rope_without_a_cache():
+    """Rotary attention depends on position differences only: shifting every position changes (almost) nothing,
+    stretching them changes the logits."""
+    torch.manual_seed(12)
+    model = GEB(small_config(), impl="torch").eval()
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        default, _ = model(idx)
+        given, _ = model(idx, input_pos=torch.arange(20))
+        shifted, _ = model(idx, input_pos=torch.arange(20) + 37)
+        stretched, _ = model(idx, input_pos=2 * torch.arange(20))
+    torch.testing.assert_close(given, default, rtol=0, atol=0)
+    torch.testing.assert_close(shifted, default, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(stretched[:, 1:], default[:, 1:], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(stretched[:, 0], default[:, 0])  # the first token attends to itself alone
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(logits="first"), "logits must be one of 'all', 'last', 'none', got 'first'"),
+    (dict(logits="last", targets=True), "logits='last' computes no loss"),
+    (dict(logits="none"), "logits='none' returns only the loss: it needs targets"),
+    (dict(input_pos=torch.arange(7)), r"input_pos must have shape \(8,\) for 8 tokens, got \(7,\)"),
+    (dict(input_pos=torch.arange(8) + 20), "position 27 exceeds max_seq_len 24"),
+])
+def test_bad_forward_arguments_are_named(kwargs, fragment):
+    model = GEB(small_config(max_seq_len=24), impl="torch")
+    idx = torch.randint(0, 97, (1, 8))
+    if kwargs.pop("targets", None):
+        kwargs["targets"] = idx
+    with pytest.raises(ValueError, match=fragment):
+        model(idx, **kwargs)
+
+
+def test_kv_cache_needs_positions_inside_it():
+    model = GEB(small_config(), impl="torch").eval()
+    model.setup_kv_cache(1, 16)
+    idx = torch.randint(0, 97, (1, 4))
+    with pytest.raises(ValueError, match="with a KV cache, pass input_pos"):
+        model(idx)
+    with pytest.raises(ValueError, match="position 17 is past the KV cache of 16 positions"):
+        model(idx, input_pos=torch.arange(14, 18))
+    model.clear_kv_cache()
+    assert model(idx)[0].shape == (1, 4, 97)  # back to full-sequence mode
 
 
 @pytest.mark.parametrize("field, value, fragment", [
@@ -146,5 +222,5 @@ def test_preset_errors_name_the_problem():
 
 def test_sequence_longer_than_context_is_refused():
     model = GEB(small_config(max_seq_len=16), impl="torch")
-    with pytest.raises(ValueError, match="max_seq_len 16"):
-        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="sequence of 17 tokens exceeds max_seq_len 16"):
+        model(torch.randint(0, 97, (1, 17)))

@@ -51,7 +51,8 @@ def test_model_triton_matches_torch(norm_position):
 
 
 def test_model_triton_kv_cache_decoding():
-    """Prefill then one-token decoding steps with a KV cache (Tq = 1 < Tk, cache views) match a full forward."""
+    """Prefill then one-token decoding steps through the KV cache (positions as tensors; the Triton rotary, RMSNorm
+    and SwiGLU kernels at T = 1) match a full forward."""
     torch.manual_seed(1)
     config = _config()
     model = GEB(config, impl="triton").eval()
@@ -62,9 +63,9 @@ def test_model_triton_kv_cache_decoding():
         full, _ = reference(idx)
         truth, _ = copy.deepcopy(reference).double()(idx)
         model.setup_kv_cache(batch_size=2, max_seq_len=32)
-        steps = [model(idx[:, :20], start_pos=0)[0]]
+        steps = [model(idx[:, :20], input_pos=torch.arange(20))[0]]
         for pos in range(20, 24):
-            steps.append(model(idx[:, pos : pos + 1], start_pos=pos)[0])
+            steps.append(model(idx[:, pos : pos + 1], input_pos=torch.tensor([pos]))[0])
         model.clear_kv_cache()
     decoded = torch.cat(steps, dim=1)
     assert_rule("decoded logits", decoded, truth, full)

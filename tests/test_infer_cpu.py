@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import small_config
 
 import infer_cpu
-from geb.checkpoint import file_sha256, save_checkpoint
-from geb.config import ModelConfig
-from geb.generate import Generator
+from geb.checkpoint import list_checkpoints, save_checkpoint
+from geb.files import file_sha256
+from geb.generate import Decoder
 from geb.model import GEB
 from geb.tokenizer import EOS_ID
 
@@ -26,11 +27,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_run(run_dir: Path, tokenizer_file: Path, max_seq_len: int = 128, copy_tokenizer: bool = True,
              sha: str | None = None, mute_eos: bool = False) -> GEB:
-    """A run dir as train.py writes it: ckpt-*.pt (with the tokenizer's sha256) and tokenizer.model. mute_eos: EOS
-    gets logit 0, the median of a random model's logits, so top-k sampling with a small k never stops at EOS."""
+    """A random-init run dir as train.py writes it: ckpt-*.pt (with the tokenizer's sha256) and tokenizer.model, for
+    what the session's tiny_run is not (a missing or wrong tokenizer, a long context). mute_eos: EOS gets logit 0,
+    the median of a random model's logits, so top-k sampling with a small k never stops at EOS."""
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
-                         max_seq_len=max_seq_len)
+    config = small_config(vocab_size=512, max_seq_len=max_seq_len)
     model = GEB(config).eval()
     if mute_eos:
         with torch.no_grad():
@@ -58,32 +59,30 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_streamed_output_equals_one_shot_decode(tmp_path, tokenizer_file, capsys):
-    from geb.tokenizer import Tokenizer
-
-    model = make_run(tmp_path / "run", tokenizer_file)
+def test_streamed_output_equals_one_shot_decode(tiny_run, tiny_model, tokenizer, capsys):
     prompt = "When shall we three meet 新华社"
-    code, out, err = run_main(["--ckpt", str(tmp_path / "run"), "--prompt", prompt, "--greedy",
+    code, out, err = run_main(["--ckpt", str(tiny_run.run_dir), "--prompt", prompt, "--greedy",
                                "--max-new-tokens", "40", "--threads", "1"], capsys)
     assert code == 0, err
-    tok = Tokenizer(tokenizer_file)
-    ids = [tok.eos_id] + tok.encode(prompt)
-    expected = list(Generator(model).generate(ids, 40, temperature=0.0, eos_id=tok.eos_id))
-    assert out == tok.decode(expected) + "\n"
+    ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
+    expected = list(Decoder(tiny_model).generate(ids, 40, temperature=0.0, eos_id=tokenizer.eos_id))
+    assert len(expected) == 40  # no early EOS: the whole stream is compared
+    assert out == tokenizer.decode(expected) + "\n"
     stats = err.strip().splitlines()[-1]
     for key in ("prompt", "prefill", "decode", "tok/s", "peak RSS"):
         assert key in stats
 
 
-def test_sampling_seed_and_empty_prompt(tmp_path, tokenizer_file, capsys):
-    make_run(tmp_path / "run", tokenizer_file)
-    argv = ["--ckpt", str(tmp_path / "run" / "ckpt-0000010.pt"), "--prompt", "", "--seed", "7",
-            "--max-new-tokens", "20", "--top-p", "0.9"]
-    code, a, err = run_main(argv, capsys)
+def test_sampling_seed_and_empty_prompt(tiny_run, capsys):
+    argv = ["--ckpt", str(list_checkpoints(tiny_run.run_dir)[-1]), "--prompt", "", "--max-new-tokens", "20",
+            "--top-p", "0.9", "--seed"]
+    code, a, err = run_main(argv + ["7"], capsys)
     assert code == 0, err
     assert "prompt 1 tokens" in err  # an empty prompt starts a new document from EOS
-    code, b, _ = run_main(argv, capsys)
+    code, b, _ = run_main(argv + ["7"], capsys)
     assert code == 0 and a == b and a.strip()
+    code, c, _ = run_main(argv + ["8"], capsys)
+    assert code == 0 and c != a  # another seed, another sample
 
 
 def test_no_checkpoint_says_how_to_train(tmp_path, capsys, monkeypatch):

@@ -1,0 +1,146 @@
+"""geb.cpu_linear and geb/gemv.cpp: int8 stays close to fp32, the fp32 formats equal plain fp32 up to summation
+order, geb's AVX2 kernel against fp64 on odd shapes, long prompts on oneDNN, a stale build lock is removed."""
+
+import copy
+import os
+import shutil
+import time
+
+import pytest
+import torch
+
+from geb.cpu_linear import F32Linear, _clear_stale_build_lock, convert_for_cpu, load_gemv, quantize_int8
+from geb.generate import Decoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXT = "Thunder and lightning. Enter three Witches. 新华社北京电"
+# The int8 check's input: the play's opening line. Dynamic int8 shares one activation scale per call, so the worst
+# position depends on the input; on TEXT the session's tiny model has one position at cosine 0.981.
+INT8_TEXT = "When shall we three meet again in thunder, lightning, or in rain?"
+
+
+@pytest.mark.parametrize("method", ["fbgemm", "woq", "fused fbgemm"])
+def test_int8_logits_close_to_fp32(tiny_model, tokenizer, method):
+    model = tiny_model
+    idx = torch.tensor([tokenizer.encode(INT8_TEXT)[:48]])
+    with torch.no_grad():
+        ref, _ = model(idx)
+        q = copy.deepcopy(model)
+        if method == "fused fbgemm":  # what infer_cpu.py --quant int8 runs
+            assert convert_for_cpu(q, "int8") == "fbgemm" and q.layers[0].mlp.gate_up_proj is not None
+        else:
+            assert quantize_int8(q, method) == method
+        got, _ = q(idx)
+    assert not any(isinstance(m, torch.nn.Linear) for m in q.modules()), "every linear, LM head included"
+    cos = torch.nn.functional.cosine_similarity(got[0], ref[0], dim=-1)
+    assert cos.min().item() >= 0.99, cos.min().item()
+    # Decoding through the int8 model works with the static cache too.
+    assert len(list(Decoder(q).generate(idx[0].tolist(), 5, temperature=0.0))) == 5
+
+
+def test_unknown_formats_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="quantization method must be one of .* got 'ao'"):
+        quantize_int8(tiny_model, "ao")
+    with pytest.raises(ValueError, match="quant must be 'none' or 'int8', got 'int4'"):
+        convert_for_cpu(tiny_model, "int4")
+
+
+@pytest.mark.parametrize("weights", ["plain", "onednn", "gemv"])
+def test_fused_fp32_formats_match_plain(tiny_model, tokenizer, weights, monkeypatch):
+    model = tiny_model
+    idx = torch.tensor([tokenizer.encode(TEXT)[:48]])
+    converted = copy.deepcopy(model)
+    if weights != "gemv":  # what a machine without a C++ compiler (and, for "plain", without oneDNN) gets
+        monkeypatch.setattr("geb.cpu_linear.load_gemv", lambda: False)
+    if weights == "plain":
+        monkeypatch.setattr("torch.backends.mkldnn.is_available", lambda: False)
+    fmt = convert_for_cpu(converted, "none")
+    if fmt != weights:
+        pytest.skip(f"this machine cannot run {weights} weights")
+    assert all(layer.self_attn.qkv_proj is not None and layer.mlp.gate_up_proj is not None
+               for layer in converted.layers)
+    linears = [m for m in converted.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == (4 * len(converted.layers) + 1 if weights == "plain" else 0), "every linear, LM head"
+    with torch.no_grad():
+        ref64, _ = copy.deepcopy(model).double()(idx)
+        plain, _ = model(idx)
+        got, _ = converted(idx)  # a 48-token prefill: the batch-1 formats serve longer inputs too
+    # Same values up to summation order: within twice plain fp32's own error against fp64.
+    assert (got.double() - ref64).abs().max() <= 2 * (plain.double() - ref64).abs().max() + 1e-6
+    prompt = idx[0, :8].tolist()
+    assert list(Decoder(converted).generate(prompt, 30, temperature=0.0)) == \
+        list(Decoder(model).generate(prompt, 30, temperature=0.0))
+
+
+def test_gemv_kernel_against_fp64():
+    """geb/gemv.cpp on odd shapes (row counts not a multiple of 4, lengths not a multiple of 16), with and without
+    bias: one input row (the matrix-vector kernel), 2-64 rows (the tiled kernel, input counts not a multiple of its
+    3) and 65 (at::linear), contiguous or not, against fp64."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or shutil.which("c++") is None:
+        pytest.skip("geb's kernel needs an AVX2 CPU and a C++ compiler")
+    assert load_gemv(), "geb/gemv.cpp failed to build (see the warning)"
+    torch.manual_seed(3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the module runs on one thread; the kernels split rows between threads
+    cases = [(1, 1), (3, 5), (4, 16), (7, 17), (13, 47), (130, 300), (515, 2048), (2051, 96)]
+    try:
+        for n, k in cases:
+            _check_linear_f32(n, k)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="last dimension must be 16"):
+        torch.ops.geb.linear_f32(torch.randn(1, 15), torch.randn(4, 16), None)
+    with pytest.raises(RuntimeError, match=r"bias must be float32 of shape \[4\]"):
+        torch.ops.geb.linear_f32(torch.randn(1, 16), torch.randn(4, 16), torch.randn(4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="no backward"):
+        torch.ops.geb.linear_f32(torch.randn(1, 16, requires_grad=True), torch.randn(4, 16), None)
+
+
+def _check_linear_f32(n: int, k: int) -> None:
+    """geb::linear_f32 with an n x k weight, with and without bias, on every input layout, against fp64."""
+    w, b = torch.randn(n, k), torch.randn(n)
+    inputs = (torch.randn(k), torch.randn(1, 1, k), torch.randn(k, 2).t()[:1], torch.randn(2, k),
+              torch.randn(2, 2, k), torch.randn(k, 7).t(), torch.randn(1, 64, k), torch.randn(65, k))
+    for x in inputs:
+        for bias in (None, b):
+            got = torch.ops.geb.linear_f32(x, w, bias)
+            ref = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+            assert got.shape == ref.shape and got.dtype == torch.float32
+            # fp32 rounding of a k-term dot product and of the bias: within a few ulps of their magnitude.
+            eps = torch.finfo(torch.float32).eps
+            tol = 4 * k ** 0.5 * eps * (x.abs().double() @ w.abs().double().t()).max() + eps * b.abs().max()
+            assert (got.double() - ref).abs().max() <= tol, (n, k, tuple(x.shape))
+
+
+def test_f32_linear_short_and_long_prompts():
+    """F32Linear: up to MAX_ROWS input rows on geb's kernels, more on oneDNN's GEMM over the same plain weight; both
+    equal fp64 up to rounding, with and without bias."""
+    if not load_gemv():
+        pytest.skip("geb's kernel cannot be built here")
+    torch.manual_seed(4)
+    for bias in (False, True):
+        linear = torch.nn.Linear(96, 70, bias=bias)
+        layer = F32Linear(linear)
+        assert layer.onednn_long_prompts == torch.backends.mkldnn.is_available()
+        for rows in (1, F32Linear.MAX_ROWS, F32Linear.MAX_ROWS + 1, 200):
+            x = torch.randn(1, rows, 96)
+            with torch.no_grad():
+                got, ref = layer(x), linear.double()(x.double())
+                linear.float()
+            assert got.shape == (1, rows, 70) and (got.double() - ref).abs().max() < 1e-4, rows
+
+
+def test_stale_build_lock_is_removed(tmp_path):
+    """A lock left by a killed build of geb/gemv.cpp would make torch wait forever: an old one is removed, a fresh
+    one (a build in progress elsewhere) is kept."""
+    lock = tmp_path / "lock"
+    lock.touch()
+    _clear_stale_build_lock(tmp_path)
+    assert lock.exists()
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    with pytest.warns(UserWarning, match=f"removing {lock}: a build lock 60 minutes old"):
+        _clear_stale_build_lock(tmp_path)
+    assert not lock.exists()
+    _clear_stale_build_lock(tmp_path)  # no lock: nothing to do
