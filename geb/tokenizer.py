@@ -29,13 +29,21 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 _MAX_LINE_CHARS = 2000
 
 
+def _replace_each_byte(err: UnicodeDecodeError) -> tuple[str, int]:
+    # SentencePiece's decode writes one U+FFFD per invalid byte; codecs' "replace" one per invalid run. Match decode.
+    return "\ufffd" * (err.end - err.start), err.end
+
+
+codecs.register_error("geb_replace_each_byte", _replace_each_byte)
+
+
 class StreamDecoder:
     """Incremental decoder: feed token ids one at a time, get back only text whose UTF-8 bytes are complete."""
 
     def __init__(self, tok: Tokenizer) -> None:
         self._bytes = tok._piece_bytes
         self._strip_first_space = tok._dummy_prefix
-        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="geb_replace_each_byte")
         self._started = False
 
     def push(self, token_id: int) -> str:

@@ -100,10 +100,8 @@ def test_stream_decoder_equals_one_shot(tokenizer):
     assert _streamed(tokenizer, ids) == tokenizer.decode(ids)
 
 
-# A sampled continuation of the tiny model holds cut UTF-8 sequences (e.g. E5 83 then a new character):
-# SentencePiece's decode writes one U+FFFD per byte, geb.tokenizer.StreamDecoder (codecs "replace") one per maximal
-# invalid subpart. strict: once the stream decoder replaces byte by byte, this passes and the mark must go.
-@pytest.mark.xfail(strict=True, reason="StreamDecoder: one U+FFFD per invalid subpart, decode: one per byte")
+# A sampled continuation of the tiny model holds cut UTF-8 sequences (e.g. E5 83 then a new character), which
+# SentencePiece's decode replaces with one U+FFFD per byte: the stream decoder must do the same.
 def test_stream_decoder_equals_one_shot_on_a_sampled_continuation(tiny_model, tokenizer):
     ids = tokenizer.encode("When shall we three meet again 新华社北京电 ☃ 𝄞!")
     gen_ids = list(Decoder(tiny_model).generate(ids, 40, temperature=1.0, seed=3))

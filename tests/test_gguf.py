@@ -11,7 +11,7 @@ import sentencepiece as spm
 import torch
 
 from geb.config import ModelConfig
-from geb.generate import Generator
+from geb.generate import Decoder
 from geb.gguf import export_gguf
 from geb.model import GEB
 
@@ -159,7 +159,7 @@ def test_llama_cpp_greedy_matches(tmp_path, tokenizer_file):
     model = random_model(sp.get_piece_size())
     path = export_gguf(model, tokenizer_file, tmp_path / "m.gguf", "f32")
     ids = [sp.eos_id()] + sp.encode("When shall we three meet again")
-    ours = list(Generator(model).generate(ids, 20, temperature=0.0))
+    ours = list(Decoder(model).generate(ids, 20, temperature=0.0))
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False, logits_all=False)
     theirs = []
     for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
