@@ -198,28 +198,6 @@ def test_kv_cache_needs_positions_inside_it():
     assert model(idx)[0].shape == (1, 4, 97)  # back to full-sequence mode
 
 
-@pytest.mark.parametrize("field, value, fragment", [
-    ("n_kv_heads", 3, "n_kv_heads"),
-    ("n_heads", 5, "n_heads"),
-    ("d_model", 36, "head dim"),
-    ("norm_position", "middle", "norm_position"),
-    ("dropout", 1.5, "dropout"),
-    ("vocab_size", 0, "vocab_size"),
-    ("norm_eps", -1.0, "norm_eps"),
-])
-def test_bad_config_names_the_field(field, value, fragment):
-    with pytest.raises(ValueError, match=fragment):
-        small_config(**{field: value})
-
-
-def test_preset_errors_name_the_problem():
-    with pytest.raises(ValueError, match="unknown preset 'nope'"):
-        preset("nope")
-    with pytest.raises(ValueError, match="n_layer"):
-        preset("tiny", n_layer=3)
-    assert preset("stlm-50m", n_kv_heads=4).n_kv_heads == 4
-
-
 def test_sequence_longer_than_context_is_refused():
     model = GEB(small_config(max_seq_len=16), impl="torch")
     with pytest.raises(ValueError, match="sequence of 17 tokens exceeds max_seq_len 16"):
