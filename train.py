@@ -1,9 +1,5 @@
 """Train a GEB model: `python train.py`, `torchrun --standalone --nproc_per_node=2 train.py` (CPU, Gloo) or
-`torchrun --nproc_per_node=8 train.py` (GPU, NCCL). Flags: `python train.py --help`.
-
-`main` reads top to bottom: flags, distributed setup, data, model, optimizer, resume, the loop, the final checkpoint,
-the final evaluation. The step (`train_step`, with `micro_step`) is the one `bench/bench_train.py` times.
-"""
+`torchrun --nproc_per_node=8 train.py` (GPU, NCCL). Flags: `python train.py --help`."""
 
 import argparse
 import json
@@ -553,6 +549,7 @@ def finish(run: Run) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Train as the command line says: python train.py --help."""
     cfg, overrides = parse_args(argv)
     check_flags(cfg)
     rank, local_rank, world_size, device = setup_distributed()
