@@ -10,17 +10,29 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
+from typing import TextIO
 
 import torch
 import torch.distributed as dist
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.tensorboard import SummaryWriter
 
+from geb.bpb import bits_per_byte
 from geb.checkpoint import TOKENIZER_FILE, CheckpointError, load_latest, save_checkpoint
 from geb.config import PRESETS, ModelConfig, preset
+from geb.corpus import DataError
+from geb.data import prepare
+from geb.files import atomic_copy, atomic_write_json, atomic_write_text
+from geb.loader import TokenLoader, read_manifest
 from geb.model import GEB
+from geb.tasks import run_tasks
+from geb.tokenizer import Tokenizer
 
 DEFAULT_DATA = "data/default"
 
@@ -57,7 +69,7 @@ class TrainConfig:
     embed_grad_scale: float = 1.0  # GLM-style shrink of the embedding gradient (1 = off, GLM used 0.1)
     embed_grad_scale_steps: int = 0  # ... for this many early steps
     skip_nonfinite: bool = True  # skip the optimizer step when the gradient norm is inf/nan
-    eval_tasks: str = ""  # comma-separated multiple-choice tasks to run at the end (see geb.eval)
+    eval_tasks: str = ""  # comma-separated multiple-choice tasks to run at the end (see geb.tasks)
     eval_tasks_limit: int = 500
     debug_bad_batch_steps: str = ""  # testing: comma-separated steps whose first micro-batch gets a NaN loss
 
@@ -68,7 +80,60 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e1
                    "4090": 165e12, "A10": 125e12}
 
 
+@dataclass
+class TrainState:
+    """A run's progress, carried by every checkpoint: the step, the loss EMA spikes are measured against, counters."""
+
+    step: int = 0
+    loss_ema: float | None = None
+    counters: dict[str, int] = field(default_factory=lambda: {"spikes_replaced": 0, "steps_skipped": 0})
+
+
+class EmbeddingGradShrink:
+    """GLM-style shrink of the embedding gradient: a forward hook on model.embed_tokens that leaves the output as it
+    is and multiplies the gradient flowing back into the embedding by `scale` (1 = off; the step sets it)."""
+
+    def __init__(self, model: GEB):
+        self.scale = 1.0
+        self.handle = model.embed_tokens.register_forward_hook(self)
+
+    def __call__(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if self.scale == 1.0:
+            return None
+        return output * self.scale + output.detach() * (1.0 - self.scale)
+
+
+@dataclass
+class Run:
+    """The parts of a training run that the step, save, evaluation and logging functions share."""
+
+    cfg: TrainConfig
+    model: torch.nn.Module  # what the step calls: raw_model, compiled and/or wrapped in DDP
+    raw_model: GEB
+    optimizer: torch.optim.Optimizer
+    loader: Iterator[tuple[torch.Tensor, torch.Tensor]]  # a TokenLoader in train.py (save needs its state_dict)
+    seq_len: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+    world_size: int = 1
+    state: TrainState = field(default_factory=TrainState)
+    embedding_shrink: EmbeddingGradShrink | None = None
+    tokenizer_sha: str = ""
+    metrics_file: TextIO | None = None  # rank 0 only, as is writer
+    writer: SummaryWriter | None = None
+    stop_signal: int | None = None  # set by SIGTERM/SIGINT; the run saves and stops after the current step
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+
 def parse_bool(text: str) -> bool:
+    """A boolean flag value: 1/true/yes/on or 0/false/no/off."""
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):
@@ -103,34 +168,13 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices (linear and embedding weights), none on norm weights."""
-    return [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records past the resumed step so metrics.jsonl reads like one uninterrupted run."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+def check_flags(cfg: TrainConfig) -> None:
+    """Fail on an unknown preset or a count flag that is not positive."""
+    if cfg.preset not in PRESETS:
+        fail(f"--preset {cfg.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+    for name in ("max_steps", "batch_size", "grad_accum", "save_every", "eval_every", "log_every"):
+        if getattr(cfg, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
 
 
 def setup_distributed() -> tuple[int, int, int, torch.device]:
@@ -153,7 +197,6 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
 
 def ensure_data(cfg: TrainConfig, rank: int, world_size: int) -> dict:
     """The data manifest; the default corpus is prepared by rank 0 when it is missing."""
-    from geb.data import DataError, prepare, read_manifest
     manifest_path = Path(cfg.data) / "manifest.json"
     if not manifest_path.exists():
         if os.path.normpath(cfg.data) != os.path.normpath(DEFAULT_DATA):
@@ -168,6 +211,77 @@ def ensure_data(cfg: TrainConfig, rank: int, world_size: int) -> dict:
         return read_manifest(cfg.data)
     except DataError as e:
         fail(str(e))
+
+
+def model_config_from_flags(cfg: TrainConfig, manifest: dict, overrides: dict) -> tuple[ModelConfig, int]:
+    """The preset with its overrides at the data's vocabulary, and the training sequence length."""
+    try:
+        model_config = preset(cfg.preset, vocab_size=manifest["vocab_size"], **overrides)
+    except ValueError as e:
+        fail(str(e))
+    seq_len = cfg.seq_len or model_config.max_seq_len
+    if seq_len > model_config.max_seq_len:
+        fail(f"--seq-len {seq_len} exceeds the model's context (max_seq_len {model_config.max_seq_len})")
+    return model_config, seq_len
+
+
+def read_resume_state(cfg: TrainConfig, manifest: dict, master: bool) -> dict | None:
+    """The newest checkpoint in --out (None for a fresh run or --resume false), checked against the data."""
+    latest = load_latest(cfg.out) if cfg.resume else None
+    if latest is None:
+        return None
+    path, state = latest
+    if state.get("tokenizer_sha256") != manifest["tokenizer_sha256"]:
+        fail(f"{path}: checkpoint was trained with another tokenizer than {Path(cfg.data) / TOKENIZER_FILE}")
+    vocab_size = state["model_config"]["vocab_size"]
+    if vocab_size != manifest["vocab_size"]:
+        fail(f"{path}: model vocab {vocab_size} != {cfg.data} vocab {manifest['vocab_size']}; use the data it was "
+             "trained on or a new --out")
+    if master:
+        print(f"resuming from {path} (step {state['step']})", flush=True)
+    return state
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices (linear and embedding weights), none on norm weights."""
+    return [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, world_size: int = 1) -> torch.optim.Optimizer:
+    """Fused AdamW (CPU and CUDA) without decay on norm weights; sharded across ranks with --zero."""
+    groups = param_groups(model, cfg.weight_decay)
+    adam_kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    if not (cfg.zero and world_size > 1):
+        return torch.optim.AdamW(groups, **adam_kwargs)
+    # ZeroRedundancyOptimizer takes one group at construction; the no-decay group is added after.
+    optimizer = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
+                                        weight_decay=cfg.weight_decay, **adam_kwargs)
+    optimizer.add_param_group(groups[1])
+    return optimizer
+
+
+def wrap_model(model: GEB, cfg: TrainConfig, world_size: int, local_rank: int, device: torch.device
+               ) -> torch.nn.Module:
+    """What the step calls: the model, compiled with --compile, in DDP across ranks."""
+    if cfg.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    return model
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def autocast(device: torch.device) -> AbstractContextManager:
+    """bf16 autocast on CUDA (fp32 weights and optimizer state); plain fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def check_across_ranks(tensor: torch.Tensor, world_size: int) -> bool:
@@ -187,270 +301,299 @@ def fingerprint(tensors) -> torch.Tensor:
     return total
 
 
+def micro_step(run: Run, micro: int, poison_first: bool = False) -> tuple[float, int]:
+    """Forward and backward of one micro-batch. A batch whose loss is not finite, or above spike_factor x the loss
+    EMA after warmup, is replaced by the next one (at most max_replacements times); returns the loss and the number
+    of replacements. Under DDP the gradients are all-reduced on the last micro-step only."""
+    cfg, state = run.cfg, run.state
+    sync = run.world_size == 1 or micro == cfg.grad_accum - 1
+    replaced = 0
+    for attempt in range(cfg.max_replacements + 1):
+        inputs, targets = next(run.loader)
+        if run.world_size > 1 and state.step == 0 and micro == 0 and attempt == 0:
+            distinct = not check_across_ranks(fingerprint([inputs]).to(run.device), run.world_size)
+            if run.master:
+                print(f"first batch differs across ranks: {distinct}", flush=True)
+        inputs, targets = inputs.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
+        with (nullcontext() if sync else run.model.no_sync()), autocast(run.device):
+            _, loss = run.model(inputs, targets)
+            if poison_first and attempt == 0:
+                loss = loss * float("nan")
+        value = loss.item()
+        spike_allowed = cfg.spike_factor > 0 and state.loss_ema is not None and state.step >= cfg.warmup_steps
+        is_spike = not math.isfinite(value) or (spike_allowed and value > cfg.spike_factor * state.loss_ema)
+        if not is_spike or attempt == cfg.max_replacements:
+            break
+        replaced += 1
+        print(f"step {state.step} rank {run.rank}: micro-batch loss {value:.3g} replaced by the next batch", flush=True)
+    with nullcontext() if sync else run.model.no_sync():
+        (loss / cfg.grad_accum).backward()
+    return value, replaced
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step: this step's lr and embedding-gradient scale, grad_accum micro-steps, gradient clipping and
+    the AdamW update (skipped when the gradient norm is not finite). Advances run.state; returns step, loss (mean
+    over micro-batches and ranks), lr and grad_norm."""
+    cfg, state = run.cfg, run.state
+    lr = lr_at(state.step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    if run.embedding_shrink is not None:
+        run.embedding_shrink.scale = cfg.embed_grad_scale if state.step < cfg.embed_grad_scale_steps else 1.0
+    poison = state.step in {int(s) for s in cfg.debug_bad_batch_steps.split(",") if s.strip()}
+    loss_sum, replaced = 0.0, 0
+    for micro in range(cfg.grad_accum):
+        value, n = micro_step(run, micro, poison_first=poison and micro == 0)
+        loss_sum += value / cfg.grad_accum
+        replaced += n
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip).item()
+    if cfg.skip_nonfinite and not math.isfinite(grad_norm):
+        state.counters["steps_skipped"] += 1
+        if run.master:
+            print(f"step {state.step}: gradient norm {grad_norm} is not finite, optimizer step skipped", flush=True)
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.world_size > 1:
+        totals = torch.tensor([loss_sum, replaced], dtype=torch.float64, device=run.device)
+        dist.all_reduce(totals)
+        loss_sum, replaced = totals[0].item() / run.world_size, int(totals[1].item())
+    state.counters["spikes_replaced"] += replaced
+    if math.isfinite(loss_sum):
+        state.loss_ema = loss_sum if state.loss_ema is None else 0.95 * state.loss_ema + 0.05 * loss_sum
+    state.step += 1
+    return {"step": state.step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm}
+
+
+def save(run: Run) -> None:
+    """Checkpoint the run at its step: rank 0 writes it, with every rank's RNG state (call it on every rank)."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
+    if run.world_size > 1:
+        gathered_rng = [None] * run.world_size
+        dist.all_gather_object(gathered_rng, rng)
+        if run.cfg.zero:
+            run.optimizer.consolidate_state_dict(to=0)
+    else:
+        gathered_rng = [rng]
+    if run.master:
+        state = {"model": run.raw_model.state_dict(), "model_config": run.raw_model.config.to_dict(),
+                 "optimizer": run.optimizer.state_dict(), "step": run.state.step, "loss_ema": run.state.loss_ema,
+                 "counters": run.state.counters, "loader": run.loader.state_dict(), "rng": gathered_rng,
+                 "train_config": asdict(run.cfg), "tokenizer_sha256": run.tokenizer_sha,
+                 "data_dir": str(Path(run.cfg.data).resolve())}
+        path = save_checkpoint(run.out, run.state.step, state, keep=run.cfg.keep_checkpoints)
+        print(f"saved {path}", flush=True)
+    if run.world_size > 1:
+        dist.barrier()
+
+
+def restore(run: Run, state: dict) -> None:
+    """Continue from a checkpoint: weights, optimizer, progress, data position and (same world size) RNG streams."""
+    run.raw_model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.state = TrainState(state["step"], state["loss_ema"], dict(state["counters"]))
+    # The loader state is global (the same on every rank), so it re-shards exactly onto another world size.
+    run.loader.load_state_dict(state["loader"])
+    ranks_saved = len(state["rng"])
+    if ranks_saved == run.world_size:
+        rng = state["rng"][run.rank]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if run.device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], run.device)
+    else:
+        torch.manual_seed(run.cfg.seed + 1000003 * run.state.step + run.rank)  # dropout streams cannot carry over
+        if run.master:
+            print(f"warning: checkpoint was written by {ranks_saved} ranks, this run has {run.world_size}: data "
+                  "order continues exactly, dropout random streams restart", flush=True)
+
+
+def open_logs(run: Run) -> None:
+    """Rank 0: config.json and the tokenizer in --out, metrics.jsonl cut back to the run's step, TensorBoard."""
+    if not run.master:
+        return
+    cfg, out = run.cfg, run.out
+    out.mkdir(parents=True, exist_ok=True)
+    run_info = {"train": asdict(cfg), "model": run.raw_model.config.to_dict(), "params": run.raw_model.num_params(),
+                "world_size": run.world_size, "device": str(run.device), "seq_len": run.seq_len,
+                "tokens_per_step": cfg.batch_size * run.seq_len * cfg.grad_accum * run.world_size,
+                "data_manifest": str(Path(cfg.data) / "manifest.json"), "tokenizer_sha256": run.tokenizer_sha,
+                "versions": {"torch": torch.__version__, "python": platform.python_version()}}
+    atomic_write_json(out / "config.json", run_info)
+    if not (out / TOKENIZER_FILE).exists():
+        atomic_copy(Path(cfg.data) / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    truncate_metrics(out / "metrics.jsonl", run.state.step)
+    print(json.dumps(run_info), flush=True)
+    run.writer = SummaryWriter(log_dir=str(out / "tb"), purge_step=run.state.step)
+    run.metrics_file = open(out / "metrics.jsonl", "a")
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records past the resumed step so metrics.jsonl reads like one uninterrupted run."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= last_step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def log(run: Run, record: dict) -> None:
+    """Rank 0: append a record to metrics.jsonl and its numbers to TensorBoard (`val_loss` as `val/loss`)."""
+    if not run.master:
+        return
+    run.metrics_file.write(json.dumps(record) + "\n")
+    run.metrics_file.flush()
+    for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)):
+            run.writer.add_scalar(key.replace("_", "/", 1) if "/" not in key else key, value, record["step"])
+
+
 def gpu_peak_flops(device: torch.device) -> float | None:
+    """The datasheet dense bf16 FLOP/s of a known GPU (None on CPU or an unknown GPU)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg, overrides = parse_args(argv)
-    if cfg.preset not in PRESETS:
-        fail(f"--preset {cfg.preset!r} is unknown; choose one of {sorted(PRESETS)}")
-    for name in ("max_steps", "batch_size", "grad_accum", "save_every", "eval_every", "log_every"):
-        if getattr(cfg, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    rank, local_rank, world_size, device = setup_distributed()
-    master = rank == 0
-    out = Path(cfg.out)
+def log_step(run: Run, metrics: dict, tokens: int, elapsed: float) -> None:
+    """Log a train step's metrics with the throughput (and MFU on a known GPU) since the last logged step."""
+    record = {**metrics, "tokens_per_s": tokens / elapsed, **run.state.counters}
+    peak_flops = gpu_peak_flops(run.device)
+    if peak_flops:
+        flops = run.raw_model.flops_per_token(run.seq_len) * tokens
+        record["mfu"] = flops / elapsed / (peak_flops * run.world_size)
+    log(run, record)
+    if run.master:
+        print(f"step {record['step']}/{run.cfg.max_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} gnorm "
+              f"{record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s"
+              + (f" mfu {record['mfu']:.1%}" if peak_flops else ""), flush=True)
 
-    manifest = ensure_data(cfg, rank, world_size)
-    try:
-        model_config = preset(cfg.preset, vocab_size=manifest["vocab_size"], **overrides)
-    except ValueError as e:
-        fail(str(e))
-    seq_len = cfg.seq_len or model_config.max_seq_len
-    if seq_len > model_config.max_seq_len:
-        fail(f"--seq-len {seq_len} exceeds the model's context (max_seq_len {model_config.max_seq_len})")
-    tokenizer_path = Path(cfg.data) / TOKENIZER_FILE
-    tokenizer_sha = manifest["tokenizer_sha256"]
 
-    # Resume state is read before anything random happens, so a resumed run starts from identical state.
-    resume_state = None
-    if cfg.resume:
-        latest = load_latest(out)
-        if latest is not None:
-            resume_path, resume_state = latest
-            if resume_state.get("tokenizer_sha256") != tokenizer_sha:
-                fail(f"{resume_path}: checkpoint was trained with another tokenizer than {tokenizer_path}")
-            model_config = ModelConfig.from_dict(resume_state["model_config"])
-            if model_config.vocab_size != manifest["vocab_size"]:
-                fail(f"{resume_path}: model vocab {model_config.vocab_size} != {cfg.data} vocab "
-                     f"{manifest['vocab_size']}; use the data it was trained on or a new --out")
-            if master:
-                print(f"resuming from {resume_path} (step {resume_state['step']})", flush=True)
+def evaluate(run: Run) -> None:
+    """Score the val split (its first --eval-tokens tokens) on every rank and log val_loss and val_bpb."""
+    cfg = run.cfg
+    with autocast(run.device):
+        result = bits_per_byte(run.raw_model, cfg.data, split="val", seq_len=run.seq_len, batch_size=cfg.batch_size,
+                               max_tokens=cfg.eval_tokens or None, device=run.device, rank=run.rank,
+                               world_size=run.world_size)
+    log(run, {"step": run.state.step, "val_loss": result["loss"], "val_bpb": result["bpb"]})
+    if run.master:
+        print(f"step {run.state.step}: val loss {result['loss']:.4f}, val bpb {result['bpb']:.4f}", flush=True)
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    model = GEB(model_config).to(device)
-    from geb.loader import TokenLoader
-    loader = TokenLoader(cfg.data, "train", seq_len, cfg.batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
-                         model_vocab_size=model_config.vocab_size)
 
-    groups = param_groups(model, cfg.weight_decay)
-    adam_kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)  # fused AdamW runs on CPU and CUDA
-    if cfg.zero and world_size > 1:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-        # ZeroRedundancyOptimizer takes one group at construction; the no-decay group is added after.
-        optimizer = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
-                                            weight_decay=cfg.weight_decay, **adam_kwargs)
-        optimizer.add_param_group(groups[1])
-    else:
-        optimizer = torch.optim.AdamW(groups, **adam_kwargs)
+def evaluate_tasks(run: Run) -> None:
+    """Rank 0: the --eval-tasks benchmarks, logged as eval/TASK/METRIC and written to eval_tasks.json."""
+    run.raw_model.eval()
+    results = run_tasks(run.raw_model, Tokenizer(Path(run.cfg.data) / TOKENIZER_FILE), run.cfg.eval_tasks.split(","),
+                        limit=run.cfg.eval_tasks_limit, device=run.device)
+    for task, metrics in results.items():
+        log(run, {"step": run.state.step, **{f"eval/{task}/{k}": v for k, v in metrics.items()
+                                             if isinstance(v, (int, float))}})
+    atomic_write_json(run.out / "eval_tasks.json", results)
 
-    step, loss_ema, counters = 0, None, {"spikes_replaced": 0, "steps_skipped": 0}
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        step, loss_ema = resume_state["step"], resume_state["loss_ema"]
-        counters = dict(resume_state["counters"])
-        # The loader state is global (the same on every rank), so it re-shards exactly onto another world size.
-        loader.load_state_dict(resume_state["loader"])
-        ranks_saved = len(resume_state["rng"])
-        if ranks_saved == world_size:
-            rng = resume_state["rng"][rank]
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            if device.type == "cuda" and rng.get("cuda") is not None:
-                torch.cuda.set_rng_state(rng["cuda"], device)
-        else:
-            torch.manual_seed(cfg.seed + 1000003 * step + rank)  # dropout streams cannot carry over; data order does
-            if master:
-                print(f"warning: checkpoint was written by {ranks_saved} ranks, this run has {world_size}: data order "
-                      "continues exactly, dropout random streams restart", flush=True)
 
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if world_size > 1:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def request_stop(run: Run, signum: int, frame) -> None:
+    """Signal handler: remember the signal; the loop saves and stops at the end of the current step."""
+    run.stop_signal = signum
 
-    writer = None
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        run_info = {"train": asdict(cfg), "model": model_config.to_dict(), "params": raw_model.num_params(),
-                    "world_size": world_size, "device": str(device), "seq_len": seq_len,
-                    "tokens_per_step": cfg.batch_size * seq_len * cfg.grad_accum * world_size,
-                    "data_manifest": str(Path(cfg.data) / "manifest.json"), "tokenizer_sha256": tokenizer_sha,
-                    "versions": {"torch": torch.__version__, "python": platform.python_version()}}
-        write_json_atomic(out / "config.json", run_info)
-        if not (out / TOKENIZER_FILE).exists():
-            tmp = out / f".{TOKENIZER_FILE}.tmp"
-            tmp.write_bytes(tokenizer_path.read_bytes())
-            os.replace(tmp, out / TOKENIZER_FILE)
-        truncate_metrics(out / "metrics.jsonl", step)
-        print(json.dumps(run_info), flush=True)
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir=str(out / "tb"), purge_step=step)
-    metrics_file = open(out / "metrics.jsonl", "a") if master else None
 
-    def log(record: dict) -> None:
-        if not master:
-            return
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                writer.add_scalar(key.replace("_", "/", 1) if "/" not in key else key, value, record["step"])
+def stop_requested(run: Run) -> bool:
+    """Whether any rank has received SIGTERM or SIGINT (every rank gets the same answer)."""
+    stop = run.stop_signal is not None
+    if run.world_size > 1:
+        flag = torch.tensor([int(stop)], device=run.device)
+        dist.all_reduce(flag)
+        stop = flag.item() > 0
+    return stop
 
-    stop_signal = {"received": None}
 
-    def on_signal(signum, frame):
-        stop_signal["received"] = signum
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    def save(at_step: int) -> None:
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        if world_size > 1:
-            gathered_rng = [None] * world_size
-            dist.all_gather_object(gathered_rng, rng)
-            if cfg.zero:
-                optimizer.consolidate_state_dict(to=0)
-        else:
-            gathered_rng = [rng]
-        if master:
-            state = {"model": raw_model.state_dict(), "model_config": model_config.to_dict(),
-                     "optimizer": optimizer.state_dict(), "step": at_step, "loss_ema": loss_ema,
-                     "counters": counters, "loader": loader.state_dict(), "rng": gathered_rng,
-                     "train_config": asdict(cfg), "tokenizer_sha256": tokenizer_sha,
-                     "data_dir": str(Path(cfg.data).resolve())}
-            path = save_checkpoint(out, at_step, state, keep=cfg.keep_checkpoints)
-            print(f"saved {path}", flush=True)
-        if world_size > 1:
-            dist.barrier()
-
-    def evaluate(at_step: int) -> None:
-        from geb.eval import bits_per_byte
-        with autocast:
-            result = bits_per_byte(raw_model, cfg.data, split="val", seq_len=seq_len, batch_size=cfg.batch_size,
-                                   max_tokens=cfg.eval_tokens or None, device=device, rank=rank,
-                                   world_size=world_size)
-        log({"step": at_step, "val_loss": result["loss"], "val_bpb": result["bpb"]})
-        if master:
-            print(f"step {at_step}: val loss {result['loss']:.4f}, val bpb {result['bpb']:.4f}", flush=True)
-
-    bad_steps = {int(s) for s in cfg.debug_bad_batch_steps.split(",") if s.strip()}
-    flops_per_token = raw_model.flops_per_token(seq_len)
-    peak_flops = gpu_peak_flops(device)
-    last_stop = cfg.max_steps if not cfg.run_steps else min(cfg.max_steps, step + cfg.run_steps)
-    if master and step >= last_stop:
-        print(f"{out} is already at step {step} of --max-steps {cfg.max_steps}: nothing to train; raise --max-steps "
-              "to continue or pass a new --out", flush=True)
-    model.train()
-    t_last, tokens_since = time.perf_counter(), 0
-    while step < last_stop:
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        raw_model.embedding_grad_scale = cfg.embed_grad_scale if step < cfg.embed_grad_scale_steps else 1.0
-        loss_sum, replaced = 0.0, 0
-        for micro in range(cfg.grad_accum):
-            sync = world_size == 1 or micro == cfg.grad_accum - 1
-            for attempt in range(cfg.max_replacements + 1):
-                inputs, targets = next(loader)
-                if world_size > 1 and step == 0 and micro == 0 and attempt == 0:
-                    distinct = not check_across_ranks(fingerprint([inputs]).to(device), world_size)
-                    if master:
-                        print(f"first batch differs across ranks: {distinct}", flush=True)
-                inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                with (nullcontext() if sync else model.no_sync()), autocast:
-                    _, loss = model(inputs, targets)
-                    if step in bad_steps and micro == 0 and attempt == 0:
-                        loss = loss * float("nan")
-                value = loss.item()
-                spike_allowed = cfg.spike_factor > 0 and loss_ema is not None and step >= cfg.warmup_steps
-                is_spike = not math.isfinite(value) or (spike_allowed and value > cfg.spike_factor * loss_ema)
-                if not is_spike or attempt == cfg.max_replacements:
-                    break
-                replaced += 1
-                print(f"step {step} rank {rank}: micro-batch loss {value:.3g} replaced by the next batch", flush=True)
-            with nullcontext() if sync else model.no_sync():
-                (loss / cfg.grad_accum).backward()
-            loss_sum += value / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip).item()
-        if cfg.skip_nonfinite and not math.isfinite(grad_norm):
-            counters["steps_skipped"] += 1
-            if master:
-                print(f"step {step}: gradient norm {grad_norm} is not finite, optimizer step skipped", flush=True)
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if world_size > 1:
-            totals = torch.tensor([loss_sum, replaced], dtype=torch.float64, device=device)
-            dist.all_reduce(totals)
-            loss_sum, replaced = totals[0].item() / world_size, int(totals[1].item())
-        counters["spikes_replaced"] += replaced
-        if math.isfinite(loss_sum):
-            loss_ema = loss_sum if loss_ema is None else 0.95 * loss_ema + 0.05 * loss_sum
-        step += 1
-        tokens_since += cfg.batch_size * seq_len * cfg.grad_accum * world_size
-
+def train_loop(run: Run, last_stop: int) -> bool:
+    """Train to last_stop, logging every --log-every steps and saving and evaluating at their intervals; the last
+    step's checkpoint and evaluation are the caller's. Returns whether a signal stopped the run early."""
+    cfg = run.cfg
+    run.model.train()
+    t_last, tokens = time.perf_counter(), 0
+    while run.state.step < last_stop:
+        metrics = train_step(run)
+        step = run.state.step
+        tokens += cfg.batch_size * run.seq_len * cfg.grad_accum * run.world_size
         if step % cfg.log_every == 0 or step == last_stop:
-            elapsed = time.perf_counter() - t_last
-            record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens_since / elapsed, **counters}
-            if peak_flops:
-                record["mfu"] = flops_per_token * tokens_since / elapsed / (peak_flops * world_size)
-            log(record)
-            if master:
-                print(f"step {step}/{cfg.max_steps} loss {loss_sum:.4f} lr {lr:.2e} gnorm {grad_norm:.3f} "
-                      f"{record['tokens_per_s']:.0f} tok/s" + (f" mfu {record['mfu']:.1%}" if peak_flops else ""),
-                      flush=True)
-            t_last, tokens_since = time.perf_counter(), 0
-
-        stop = stop_signal["received"] is not None
-        if world_size > 1:
-            flag = torch.tensor([int(stop)], device=device)
-            dist.all_reduce(flag)
-            stop = flag.item() > 0
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            evaluate(step)
-        if stop or step % cfg.save_every == 0 or step == last_stop:
-            save(step)
-        if stop:
-            if master:
-                print(f"stopped by signal at step {step}; checkpoint saved, resume with the same command", flush=True)
+            log_step(run, metrics, tokens, time.perf_counter() - t_last)
+            t_last, tokens = time.perf_counter(), 0
+        if stop_requested(run):
+            return True
+        if step == last_stop:
             break
+        if step % cfg.save_every == 0:
+            save(run)
+        if step % cfg.eval_every == 0:
+            evaluate(run)
+    return False
 
-    if world_size > 1:
-        same = check_across_ranks(fingerprint(raw_model.parameters()).to(device), world_size)
-        if master:
-            print(f"weights identical across {world_size} ranks: {same}", flush=True)
-    if step == cfg.max_steps and cfg.eval_tasks and master:
-        from geb.eval import run_tasks
-        from geb.tokenizer import Tokenizer
-        raw_model.eval()
-        results = run_tasks(raw_model, Tokenizer(tokenizer_path), cfg.eval_tasks.split(","),
-                            limit=cfg.eval_tasks_limit, device=device)
-        for task, metrics in results.items():
-            log({"step": step, **{f"eval/{task}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
-        write_json_atomic(out / "eval_tasks.json", results)
-    if master:
-        metrics_file.close()
-        writer.close()
-    if world_size > 1:
+
+def finish(run: Run) -> None:
+    """Check the ranks ended with identical weights, close the logs and tear down the process group."""
+    if run.world_size > 1:
+        same = check_across_ranks(fingerprint(run.raw_model.parameters()).to(run.device), run.world_size)
+        if run.master:
+            print(f"weights identical across {run.world_size} ranks: {same}", flush=True)
+    if run.master:
+        run.metrics_file.close()
+        run.writer.close()
+    if run.world_size > 1:
         # Every rank reaches this point before any tears down Gloo; a rank exiting early can abort its peer at exit.
         dist.barrier()
         dist.destroy_process_group()
 
 
+def main(argv: list[str] | None = None) -> None:
+    """Train as the command line says: python train.py --help."""
+    cfg, overrides = parse_args(argv)
+    check_flags(cfg)
+    rank, local_rank, world_size, device = setup_distributed()
+    manifest = ensure_data(cfg, rank, world_size)
+    model_config, seq_len = model_config_from_flags(cfg, manifest, overrides)
+    resume_state = read_resume_state(cfg, manifest, rank == 0)  # before anything random, for an identical restart
+    if resume_state is not None:
+        model_config = ModelConfig.from_dict(resume_state["model_config"])
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = GEB(model_config).to(device)
+    loader = TokenLoader(cfg.data, "train", seq_len, cfg.batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
+                         model_vocab_size=model_config.vocab_size)
+    optimizer = build_optimizer(model, cfg, world_size)
+    run = Run(cfg, model=model, raw_model=model, optimizer=optimizer, loader=loader, seq_len=seq_len, device=device,
+              rank=rank, world_size=world_size, embedding_shrink=EmbeddingGradShrink(model),
+              tokenizer_sha=manifest["tokenizer_sha256"])
+    if resume_state is not None:
+        restore(run, resume_state)
+    run.model = wrap_model(model, cfg, world_size, local_rank, device)
+    open_logs(run)
+    signal.signal(signal.SIGTERM, partial(request_stop, run))
+    signal.signal(signal.SIGINT, partial(request_stop, run))
+
+    start = run.state.step
+    last_stop = cfg.max_steps if not cfg.run_steps else min(cfg.max_steps, start + cfg.run_steps)
+    if run.master and start >= last_stop:
+        print(f"{cfg.out} is already at step {start} of --max-steps {cfg.max_steps}: nothing to train; raise "
+              "--max-steps to continue or pass a new --out", flush=True)
+    stopped = train_loop(run, last_stop)
+    if run.state.step > start:
+        save(run)  # before the final evaluation: an evaluation that fails must not cost the run its last checkpoint
+        if stopped and run.master:
+            print(f"stopped by signal at step {run.state.step}; checkpoint saved, resume with the same command",
+                  flush=True)
+        if run.state.step % cfg.eval_every == 0 or run.state.step == cfg.max_steps:
+            evaluate(run)
+    if run.state.step == cfg.max_steps and cfg.eval_tasks and run.master:
+        evaluate_tasks(run)
+    finish(run)
+
+
 if __name__ == "__main__":
-    from geb.data import DataError
     try:
         main()
     except (CheckpointError, DataError) as e:

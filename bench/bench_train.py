@@ -3,9 +3,10 @@
     python -m bench.bench_train --preset geb-1.3b --batch-size 8 --seq-len 2048
     python -m bench.bench_train --preset stlm-50m --batch-size 64 --impl triton,torch --compile false,true
 
-Each configuration builds the preset from one seed, then runs train.py's step on random tokens (fp32 weights, bf16
-autocast on CUDA, fused AdamW without decay on norm weights, gradient clipping, and train.py's two host syncs a step
-for the loss and the gradient norm): warm-up steps (which include compiling), then timed steps.
+Each configuration builds the preset from one seed, then runs train.py's own `train_step` on random tokens at a
+constant lr (fp32 weights, bf16 autocast on CUDA, fused AdamW without decay on norm weights, the spike check,
+gradient clipping, and the step's two host syncs for the loss and the gradient norm): warm-up steps (which include
+compiling), then timed steps.
 impl "triton" runs geb's Triton kernels; "torch" runs the PyTorch references with SDPA attention. MFU counts the
 model's FLOPs per token (GEB.flops_per_token) over the datasheet bf16 peak and over the bf16 matmul rate measured
 here, so both are on record. One JSON line per configuration goes to --json.
@@ -13,6 +14,7 @@ here, so both are on record. One JSON line per configuration goes to --json.
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import time
@@ -22,7 +24,7 @@ import torch
 
 from geb.config import preset
 from geb.model import GEB
-from train import gpu_peak_flops, param_groups
+from train import Run, TrainConfig, build_optimizer, gpu_peak_flops, train_step, wrap_model
 
 
 def measured_matmul_flops(device: torch.device) -> float:
@@ -52,32 +54,25 @@ def measure(preset_name: str, impl: str, compile_model: bool, batch_size: int, s
     config = preset(preset_name, dropout=0.0)
     seq_len = seq_len or config.max_seq_len
     model = GEB(config, impl=impl).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), fused=True)
-    step_model = torch.compile(model) if compile_model else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # A constant lr (no warmup, no decay) so that every timed step does the same work.
+    cfg = TrainConfig(batch_size=batch_size, seq_len=seq_len, lr=3e-4, warmup_steps=0, min_lr_ratio=1.0,
+                      compile=compile_model)
+    optimizer = build_optimizer(model, cfg)
     # A fixed pool of random batches: real-looking token ids at no data-loading cost.
     gen = torch.Generator(device="cpu").manual_seed(seed)
     pool = torch.randint(0, config.vocab_size, (4, batch_size, seq_len + 1), generator=gen).to(device)
-
-    def step(i: int) -> float:
-        tokens = pool[i % len(pool)]
-        with autocast:
-            _, loss = step_model(tokens[:, :-1], tokens[:, 1:])
-        value = loss.item()  # train.py reads the loss (spike check) and the gradient norm every step
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return value
+    batches = ((tokens[:, :-1], tokens[:, 1:]) for tokens in itertools.cycle(pool))
+    run = Run(cfg, model=wrap_model(model, cfg, world_size=1, local_rank=0, device=device), raw_model=model,
+              optimizer=optimizer, loader=batches, seq_len=seq_len, device=device)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    losses = [step(i) for i in range(warmup)]
+    losses = [train_step(run)["loss"] for _ in range(warmup)]
     _sync(device)
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    losses += [step(warmup + i) for i in range(steps)]
+    losses += [train_step(run)["loss"] for _ in range(steps)]
     _sync(device)
     elapsed = time.perf_counter() - t0
     peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None

@@ -1,4 +1,5 @@
-"""train.py end to end on a tiny model: DDP over Gloo, exact resume, signals, spikes, accumulation, bad flags."""
+"""train.py end to end on a tiny model (DDP over Gloo, exact resume, signals, spikes, accumulation, bad flags, the
+final checkpoint before the final evaluation) and its embedding-gradient shrink hook."""
 
 import json
 import os
@@ -10,18 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CORPUS, small_config
+
+from geb.data import prepare
+from geb.model import GEB
+from train import EmbeddingGradShrink
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "tests" / "fixtures"
 TINY = ["--d-model", "64", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2", "--ffn-dim", "128",
         "--max-seq-len", "64"]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    from geb.data import prepare
+def data_dir(tmp_path_factory, tokenizer_file) -> Path:
     out = tmp_path_factory.mktemp("data")
-    prepare(out, corpus=[str(FIXTURES / "corpus")], vocab_size=512)
+    prepare(out, corpus=[str(CORPUS)], tokenizer=tokenizer_file)
     return out
 
 
@@ -29,14 +33,16 @@ def data_dir(tmp_path_factory) -> Path:
 CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
-def train(data_dir: Path, out: Path, *extra: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    """Run train.py (under torchrun when nproc > 1) and return the finished process."""
+def train(data_dir: Path, out: Path, *extra: str, nproc: int = 1, check: bool = True,
+          script: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run train.py (under torchrun when nproc > 1, or `python SCRIPT...` taking the same flags) and return the
+    finished process."""
     args = ["--data", str(data_dir), "--out", str(out), "--batch-size", "2", "--seq-len", "32", "--log-every", "1",
             "--eval-tokens", "1024", "--warmup-steps", "2", "--lr", "1e-3", *TINY, *extra]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
     else:
-        cmd = [sys.executable, "train.py"]
+        cmd = [sys.executable, *(script or ["train.py"])]
     proc = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, env=CPU_ENV, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -174,3 +180,48 @@ def test_vocab_mismatch_on_resume(data_dir, tmp_path):
     torch.save(state, out / "ckpt-0000002.pt")
     proc = train(data_dir, out, "--max-steps", "4", check=False)
     assert proc.returncode != 0 and "vocab" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_final_checkpoint_is_saved_before_the_final_evaluation(data_dir, tmp_path):
+    out = tmp_path / "evalfails"
+    failing_eval = ("import sys, train\n"
+                    "def bits_per_byte(*args, **kwargs):\n"
+                    "    raise RuntimeError('evaluation failed on purpose')\n"
+                    "train.bits_per_byte = bits_per_byte\n"
+                    "train.main(sys.argv[1:])\n")
+    proc = train(data_dir, out, "--max-steps", "3", "--save-every", "100", "--eval-every", "100", check=False,
+                 script=["-c", failing_eval])
+    assert proc.returncode != 0 and "evaluation failed on purpose" in proc.stderr
+    assert [p.name for p in out.glob("ckpt-*.pt")] == ["ckpt-0000003.pt"]
+    assert torch.load(out / "ckpt-0000003.pt", weights_only=True)["step"] == 3
+    assert [s for s, _ in train_losses(out)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("scale", [0.1, 0.5])
+def test_embedding_grad_shrink_scales_only_the_embedding_gradient(one_thread, scale):
+    config = small_config(dropout=0.0, tie_embeddings=False)
+    torch.manual_seed(0)
+    plain = GEB(config, impl="torch")
+    hooked = GEB(config, impl="torch")
+    hooked.load_state_dict(plain.state_dict())
+    shrink = EmbeddingGradShrink(hooked)
+    shrink.scale = scale
+    idx = torch.randint(0, config.vocab_size, (3, 17))
+    targets = torch.randint(0, config.vocab_size, (3, 17))
+    plain_logits, plain_loss = plain(idx, targets)
+    hooked_logits, hooked_loss = hooked(idx, targets)
+    torch.testing.assert_close(hooked_logits, plain_logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(hooked_loss, plain_loss, rtol=0, atol=1e-6)
+    plain_loss.backward()
+    hooked_loss.backward()
+    plain_grads, hooked_grads = dict(plain.named_parameters()), dict(hooked.named_parameters())
+    embedding = plain_grads["embed_tokens.weight"].grad
+    assert embedding.abs().max() > 0
+    torch.testing.assert_close(hooked_grads["embed_tokens.weight"].grad, scale * embedding)
+    for name, p in plain_grads.items():
+        if name != "embed_tokens.weight":
+            torch.testing.assert_close(hooked_grads[name].grad, p.grad, msg=name)
+    shrink.scale = 1.0  # off: the hook changes nothing
+    hooked.zero_grad()
+    hooked(idx, targets)[1].backward()
+    torch.testing.assert_close(hooked.embed_tokens.weight.grad, embedding)
