@@ -316,7 +316,7 @@ def micro_step(run: Run, micro: int, poison_first: bool = False) -> tuple[float,
                 print(f"first batch differs across ranks: {distinct}", flush=True)
         inputs, targets = inputs.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
         with (nullcontext() if sync else run.model.no_sync()), autocast(run.device):
-            _, loss = run.model(inputs, targets)
+            _, loss = run.model(inputs, targets, logits="none")
             if poison_first and attempt == 0:
                 loss = loss * float("nan")
         value = loss.item()
