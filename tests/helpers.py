@@ -2,13 +2,18 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.nn as nn
 
 from geb.config import ModelConfig
 from geb.model import GEB
 
 CORPUS = Path(__file__).parent / "fixtures" / "corpus"
+WORDS = ("the a sun rock light water plant seed tree river stone cloud rain snow wind fire cold warm big small red "
+         "blue green apple bread milk house door road city ship boat bird fish horse cat dog run walk swim fly "
+         "read write open close bright dark quick slow").split()
 
 
 def small_config(**overrides) -> ModelConfig:
@@ -38,3 +43,14 @@ def train_tiny(token_ids: list[int], config: ModelConfig, steps: int = 60, seed:
         loss.backward()
         opt.step()
     return model.eval()
+
+
+class Uniform(nn.Module):
+    """All-zero logits: every token costs exactly ln(vocab) nats."""
+
+    def __init__(self, vocab_size: int, max_seq_len: int = 64):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab_size, max_seq_len=max_seq_len)
+
+    def forward(self, idx, targets=None):
+        return torch.zeros(*idx.shape, self.config.vocab_size), None

@@ -8,28 +8,13 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pytest
 import torch
-import torch.nn as nn
+from helpers import WORDS, Uniform
 
 from geb.bpb import EvalError, _split_nll, bits_per_byte, bits_per_byte_text, doc_start
 from geb.data import prepare
 from geb.loader import read_manifest
 
-WORDS = ("the a sun rock light water plant seed tree river stone cloud rain snow wind fire cold warm big small red "
-         "blue green apple bread milk house door road city ship boat bird fish horse cat dog run walk swim fly "
-         "read write open close bright dark quick slow").split()
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Uniform(nn.Module):
-    """All-zero logits: every token costs exactly ln(vocab) nats."""
-
-    def __init__(self, vocab_size: int, max_seq_len: int = 64):
-        super().__init__()
-        self.config = SimpleNamespace(vocab_size=vocab_size, max_seq_len=max_seq_len)
-
-    def forward(self, idx, targets=None):
-        return torch.zeros(*idx.shape, self.config.vocab_size), None
 
 
 @pytest.fixture(scope="module")

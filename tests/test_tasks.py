@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from helpers import small_config
+from helpers import WORDS, Uniform, small_config
 
 from geb import tasks
 from geb.bpb import EvalError
@@ -35,22 +35,8 @@ from geb.tasks import (
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
-WORDS = ("the a sun rock light water plant seed tree river stone cloud rain snow wind fire cold warm big small red "
-         "blue green apple bread milk house door road city ship boat bird fish horse cat dog run walk swim fly "
-         "read write open close bright dark quick slow").split()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Uniform(nn.Module):
-    """All-zero logits: every token costs exactly ln(vocab) nats."""
-
-    def __init__(self, vocab_size: int, max_seq_len: int = 64):
-        super().__init__()
-        self.config = SimpleNamespace(vocab_size=vocab_size, max_seq_len=max_seq_len)
-
-    def forward(self, idx, targets=None):
-        return torch.zeros(*idx.shape, self.config.vocab_size), None
 
 
 class Oracle(nn.Module):
