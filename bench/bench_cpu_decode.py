@@ -24,7 +24,9 @@ import torch
 
 import infer_cpu
 from geb.generate import Decoder, GenerationStats
+from geb.gguf import export_gguf
 from geb.hf import export_hf, load_hf
+from geb.tokenizer import train_tokenizer
 
 PRESET = os.environ.get("GEB_BENCH_PRESET", "tiny")
 TOKENS = int(os.environ.get("GEB_BENCH_TOKENS", "32"))
@@ -116,9 +118,7 @@ def test_cpu_decode_side_by_side(tmp_path):
         hf_dir = export_hf(model, tmp_path / "hf")
         gguf = {}
         if llama_cpp is not None:
-            from geb.gguf import export_gguf
-            from geb.tokenizer import train_tokenizer  # llama.cpp needs a vocabulary in the file
-
+            # llama.cpp needs a vocabulary in the file
             tok = train_tokenizer(["a b c " * 1000], tmp_path / "tok", min(model.config.vocab_size, 300))
             gguf = {q: export_gguf(model, tok, tmp_path / f"m-{q}.gguf", q) for q in ("f32", "q8_0")}
 
