@@ -20,11 +20,11 @@ Every block loop runs in two stages: blocks every row of the program sees in ful
 the blocks on the causal diagonal and a ragged tail (a length that is not a block multiple) are masked. So with
 block-multiple lengths a non-causal program masks nothing, and a causal one only its diagonal blocks.
 
-Variants, constexprs in the autotune space so the autotuner picks them per shape: `TMA` streams the loop's operand
-(K/V in the forward and dQ, Q/dO in dK/dV) through tensor descriptors (TMA on Hopper), `WARP_SPEC` runs the unmasked
-loop as `tl.range(..., warp_specialize=True)`. Both need Triton >= 3.4 and a GPU of compute capability >= 9; TMA also
-16-byte aligned pointers and strides. `GEB_ATTN_VARIANT=plain|ws|tma|tma_ws` forces one (tests reach each of them
-under the interpreter that way).
+Variants, constexprs in the autotune space so the autotuner, not a guess, picks per shape: `TMA` streams the loop's
+operand (K/V in the forward and dQ, Q/dO in dK/dV) through tensor descriptors (TMA on Hopper; 16-byte aligned
+pointers and strides), `WARP_SPEC` runs the unmasked loop as `tl.range(..., warp_specialize=True)`. Both need
+Triton >= 3.4 and compute capability >= 9; the warp-specialized ones are tried only when forced (see `_variants`).
+`GEB_ATTN_VARIANT=plain|ws|tma|tma_ws` forces one (tests reach each of them under the interpreter that way).
 """
 
 import math
@@ -44,24 +44,22 @@ _TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
 HOPPER_TRITON = _TRITON_VERSION >= (3, 4)  # tl.make_tensor_descriptor and tl.range(warp_specialize=...)
 
 
-def _autotune_configs(plain: list[tuple[int, int, int, int]],
-                      hopper: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages): `plain` tiles without TMA or warp specialization and
-    `hopper` tiles in the three other variants (left out before Triton 3.4). Under the interpreter and with
-    GEB_AUTOTUNE=0 one small tile per variant; the launch prunes to the variants it allows."""
+def _autotune_configs(plain: list[tuple[int, int, int, int]], tma: list[tuple[int, int, int, int]],
+                      ws: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages) tiles per variant: `plain`, `tma`, and `ws` for both
+    warp-specialized ones (Hopper variants left out before Triton 3.4). Under the interpreter and with
+    GEB_AUTOTUNE=0 one small tile per variant; each launch prunes to the variants it allows (`_variants`)."""
     if INTERPRET:
         # Multi-config autotune fails in the interpreter ("0 active drivers"): the prune leaves one config. 32 keeps
         # dots GPU-legal (>= 16).
-        plain, hopper = [(32, 32, 4, 1)], [(32, 32, 4, 1)]
+        plain = tma = ws = [(32, 32, 4, 1)]
     elif os.environ.get("GEB_AUTOTUNE") == "0":
-        plain, hopper = plain[-1:], plain[-1:]
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "TMA": False, "WARP_SPEC": False}, num_warps=w,
-                             num_stages=s) for m, n, w, s in plain]
-    if HOPPER_TRITON:
-        configs += [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "TMA": tma, "WARP_SPEC": ws}, num_warps=w,
-                                  num_stages=s)
-                    for name, (tma, ws) in VARIANTS.items() if name != "plain" for m, n, w, s in hopper]
-    return configs
+        plain, tma, ws = plain[-1:], tma[-1:], ws[-1:]
+    tiles = {"plain": plain, "ws": ws, "tma": tma, "tma_ws": ws}
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "TMA": variant_tma, "WARP_SPEC": variant_ws}, num_warps=w,
+                          num_stages=s)
+            for name, (variant_tma, variant_ws) in VARIANTS.items() if name == "plain" or HOPPER_TRITON
+            for m, n, w, s in tiles[name]]
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -102,7 +100,10 @@ def _key_stages(i_m, t_q, t_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOC
         # lo is seen in full by the block's first row, hence by every row.
         hi = tl.minimum(t_k, (i_m + 1) * BLOCK_M + t_k - t_q)
         lo = tl.minimum(lo, tl.maximum(i_m * BLOCK_M + t_k - t_q + 1, 0) // BLOCK_N * BLOCK_N)
-    return lo, hi
+    # A program past the end of its (shorter) document runs no loop and stores nothing; an early return would be
+    # simpler, but the branch it makes stops Triton's warp specializer.
+    live = i_m * BLOCK_M < t_q
+    return tl.where(live, lo, 0), tl.where(live, hi, 0)
 
 
 @triton.jit
@@ -168,7 +169,7 @@ def _fwd_step(b_acc, b_den, b_max, b_q, p_k, p_v, d_k, d_v, start_n, o_m, m_d, s
 
 @triton.autotune(
     configs=_autotune_configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
-                              [(128, 64, 8, 3), (128, 128, 8, 2)]),
+                              tma=[(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)], ws=[(128, 64, 8, 3)]),
     key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -192,8 +193,6 @@ def _attn_fwd_kernel(
     i_hq = i_bh % h_q
     i_hk = i_hq // n_rep
     q0, k0, t_q, t_k = _sequence(i_b, cu_q, cu_k, t_q, t_k, VARLEN)
-    if i_m * BLOCK_M >= t_q:  # the grid covers the longest document; shorter ones end early
-        return
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     o_d = tl.arange(0, BLOCK_D)  # [BD]
     m_m = o_m < t_q
@@ -298,7 +297,7 @@ def _dkdv_step(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, p_lse, p_delta, start
 
 @triton.autotune(
     configs=_autotune_configs([(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (16, 64, 4, 1), (32, 64, 4, 2)],
-                              [(64, 128, 8, 2), (64, 64, 4, 2)]),
+                              tma=[(64, 128, 8, 2), (64, 64, 4, 2)], ws=[(64, 128, 8, 2)]),
     key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -323,8 +322,6 @@ def _attn_bwd_dkdv_kernel(
     i_b = i_bh // h_k
     i_hk = i_bh % h_k
     q0, k0, t_q, t_k = _sequence(i_b, cu_q, cu_k, t_q, t_k, VARLEN)
-    if i_n * BLOCK_N >= t_k:
-        return
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     m_n = o_n < t_k
@@ -345,6 +342,10 @@ def _attn_bwd_dkdv_kernel(
         lo = tl.maximum(i_n * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
         mid = tl.cdiv(tl.maximum(i_n * BLOCK_N + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M
     full = t_q // BLOCK_M * BLOCK_M
+    end = tl.where(i_n * BLOCK_N < t_k, t_q, 0)  # past its document's end a program runs no loop (see _key_stages)
+    lo = tl.where(end > 0, lo, 0)
+    mid = tl.where(end > 0, mid, 0)
+    full = tl.where(end > 0, full, 0)
     # GQA: every query head of this KV head's group adds its contribution here, in registers.
     for i_rep in range(n_rep):
         i_hq = i_hk * n_rep + i_rep
@@ -357,7 +358,7 @@ def _attn_bwd_dkdv_kernel(
         o_stats = i_b * stride_lb + i_hq * stride_lh + q0  # this query head's row 0 in lse and delta
         p_lse = lse + o_stats
         p_delta = delta + o_stats
-        for start_m in range(lo, tl.minimum(mid, t_q), BLOCK_M):
+        for start_m in range(lo, tl.minimum(mid, end), BLOCK_M):
             b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, p_lse, p_delta, start_m, o_n, m_d,
                                     stride_qt, stride_dot, t_q, t_k, scale_log2, True, CAUSAL, EVEN_D, TMA,
                                     DOT_PRECISION, BLOCK_M)
@@ -371,7 +372,7 @@ def _attn_bwd_dkdv_kernel(
                 b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, p_lse, p_delta, start_m, o_n,
                                         m_d, stride_qt, stride_dot, t_q, t_k, scale_log2, False, CAUSAL, EVEN_D, TMA,
                                         DOT_PRECISION, BLOCK_M)
-        for start_m in range(tl.maximum(mid, full), t_q, BLOCK_M):
+        for start_m in range(tl.maximum(mid, full), end, BLOCK_M):
             b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, p_lse, p_delta, start_m, o_n, m_d,
                                     stride_qt, stride_dot, t_q, t_k, scale_log2, True, CAUSAL, EVEN_D, TMA,
                                     DOT_PRECISION, BLOCK_M)
@@ -406,7 +407,7 @@ def _dq_step(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, d_k, d_v, start_n, o_m, 
 
 @triton.autotune(
     configs=_autotune_configs([(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 2)],
-                              [(128, 64, 8, 2), (64, 64, 4, 2)]),
+                              tma=[(128, 64, 8, 2), (64, 64, 4, 2)], ws=[(128, 64, 8, 2)]),
     key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -431,8 +432,6 @@ def _attn_bwd_dq_kernel(
     i_hq = i_bh % h_q
     i_hk = i_hq // n_rep
     q0, k0, t_q, t_k = _sequence(i_b, cu_q, cu_k, t_q, t_k, VARLEN)
-    if i_m * BLOCK_M >= t_q:
-        return
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     o_d = tl.arange(0, BLOCK_D)  # [BD]
     m_m = o_m < t_q
@@ -483,7 +482,9 @@ def _aligned(*tensors: torch.Tensor) -> bool:
 
 def _variants(*tensors: torch.Tensor) -> int:
     """Bit mask of the variants the autotuner may try: GEB_ATTN_VARIANT's alone when set; else plain under the
-    interpreter and with GEB_AUTOTUNE=0, and on a GPU all that its compute capability, Triton and layout allow."""
+    interpreter, with GEB_AUTOTUNE=0 and before compute capability 9, and plain and TMA (when the layout allows) on
+    a Hopper or newer GPU. The warp-specialized ones run only when forced: built offline for sm_90, Triton 3.6 and
+    3.9 emit the same code as without at 8 warps and fail to compile these loops at 4."""
     names = list(VARIANTS)
     forced = os.environ.get("GEB_ATTN_VARIANT")
     if forced:
@@ -499,7 +500,7 @@ def _variants(*tensors: torch.Tensor) -> int:
     elif torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
         allowed = ["plain"]
     else:
-        allowed = [n for n in names if not VARIANTS[n][0] or _aligned(*tensors)]
+        allowed = ["plain", "tma"] if _aligned(*tensors) else ["plain"]
     if any(VARIANTS[n][0] for n in allowed) and tensors[0].is_cuda:
         triton.set_allocator(_tma_scratch)
     return sum(1 << names.index(n) for n in allowed)
