@@ -42,4 +42,10 @@ if [[ $what == all || $what == train ]]; then
     timeout 180 python3 -m bench.bench_train --preset stlm-50m --batch-size 64 --json "$out/train.jsonl" \
         2>&1 | tee -a "$out/train.md" || rc=1
 fi
+if [[ $what == all || $what == attention ]]; then
+    # Attention vs SDPA flash/cuDNN and FlexAttention, dense and varlen, autotuned, device time: ~4 minutes on an
+    # H100/H200 (kernel compilation included; a rerun reuses Triton's cache). Rows print as they are measured.
+    rm -f "$out/attention.jsonl"
+    timeout 280 python3 -m bench.bench_attention --json "$out/attention.jsonl" 2>&1 | tee "$out/attention.md" || rc=1
+fi
 exit $rc
