@@ -1,7 +1,8 @@
 """Public kernel API: each op takes impl="auto" | "triton" | "torch" (auto = Triton on CUDA, reference elsewhere).
 
 `GEB_KERNELS=torch` forces the PyTorch references everywhere. `GEB_AUTOTUNE=0` (read at import) gives each attention
-kernel one small config instead of autotuning. `GEB_KERNELS_POISON=1` NaN-fills kernel outputs (tests).
+kernel one small config instead of autotuning; `GEB_ATTN_VARIANT=plain|ws|tma|tma_ws` forces one attention variant
+(kernels/flash_attn.py). `GEB_KERNELS_POISON=1` NaN-fills kernel outputs (tests).
 
 Files: one per op (`flash_attn`, `rms_norm`, `swiglu`, `rotary`: Triton kernels, launchers, torch.library ops and
 autograd glue), `reference` (the PyTorch references), `_common` (what the kernel files share). Names inside the
