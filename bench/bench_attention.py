@@ -102,11 +102,15 @@ def _flex(causal: bool, doc_ids: torch.Tensor | None, b: int, t: int) -> Callabl
         keep = q_i >= k_i if causal else q_i >= 0
         return keep & (doc_ids[b_i, q_i] == doc_ids[b_i, k_i]) if doc_ids is not None else keep
 
-    block_mask = create_block_mask(mask_mod, b, None, t, t, device="cuda") if causal or doc_ids is not None else None
     compiled = torch.compile(flex_attention, dynamic=False)
+    made = {}  # the BlockMask, built at the first call: inside _measure, whose errors become a "-" cell
 
     def attn(q, k, v):
-        out = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, enable_gqa=True)
+        if "mask" not in made:
+            masked = causal or doc_ids is not None
+            made["mask"] = create_block_mask(mask_mod, b, None, t, t, device="cuda") if masked else None
+        out = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=made["mask"],
+                       enable_gqa=True)
         return out.transpose(1, 2)
     return attn
 
