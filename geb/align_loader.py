@@ -179,6 +179,10 @@ class _AlignLoader:
         self.global_batch = batch_size * world_size
         self.epoch, self.position, self.truncated = 0, 0, 0
         self._perm_epoch, self._perm = -1, np.zeros(0, dtype=np.int64)
+        self._check_size()
+
+    def _check_size(self) -> None:
+        raise NotImplementedError
 
     def _order(self) -> np.ndarray:
         if self._perm_epoch != self.epoch:
@@ -219,9 +223,8 @@ class SFTLoader(_AlignLoader):
 
     fmt = "chat"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.slots = self.examples.lengths[0] - 1
+    def _check_size(self) -> None:
+        self.slots = self.examples.lengths[0] - 1  # an example of L tokens fills L - 1 (input, target) slots
         if pack_rows(self.slots, np.arange(self.examples.n), 0, self.global_batch, self.seq_len) is None:
             raise DataError(f"{self.data_dir}/manifest.json: {self.split} split has {self.examples.n} examples, "
                             f"too few for one global batch of {self.global_batch} rows")
@@ -249,8 +252,7 @@ class PreferenceLoader(_AlignLoader):
 
     fmt = "preference"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def _check_size(self) -> None:
         if self.examples.n < self.global_batch:
             raise DataError(f"{self.data_dir}/manifest.json: {self.split} split has {self.examples.n} pairs, "
                             f"fewer than one global batch ({self.batch_size} x {self.world_size} ranks)")

@@ -165,26 +165,44 @@ def load_choice_set(path: str | os.PathLike) -> list[dict]:
 
 
 @torch.no_grad()
-def choice_logps(model: torch.nn.Module, tok: Tokenizer, messages: Messages, choices: Sequence[str]) -> list[float]:
-    """log p(choice + EOS | prompt) for each choice, under the template; the prompt's left side is cut to fit."""
-    prompt = encode_prompt(messages, tok)
-    answers = [tok.encode(c) + [tok.eos_id] for c in choices]
-    width = min(model.config.max_seq_len, len(prompt) + max(map(len, answers)) - 1)
-    idx = torch.zeros(len(answers), width, dtype=torch.long)
-    targets = torch.full_like(idx, IGNORE_INDEX)
-    for row, a in enumerate(answers):
-        seq = (prompt + a)[-(width + 1):]
-        idx[row, :len(seq) - 1] = torch.tensor(seq[:-1])
-        targets[row, len(seq) - 1 - len(a):len(seq) - 1] = torch.tensor(a)
-    logits, _ = model(idx)
-    return sequence_logps(logits, targets).tolist()
-
-
-def choice_accuracy(model: torch.nn.Module, tok: Tokenizer, items: Sequence[dict]) -> float:
-    """Fraction of items whose answer has the highest log-likelihood among its choices (ties count as wrong)."""
-    correct = 0
+def batch_choice_logps(model: torch.nn.Module, tok: Tokenizer, items: Sequence[dict]) -> list[list[float]]:
+    """Per item {"prompt": messages, "choices": [...]}, log p(choice + EOS | prompt) of each choice under the template,
+    all in one forward pass; a prompt's left side is cut to fit model.config.max_seq_len."""
+    rows = []  # (prompt ids, answer ids) per choice of every item
     for item in items:
-        lp = choice_logps(model, tok, item["prompt"], item["choices"])
-        best = max(range(len(lp)), key=lp.__getitem__)
-        correct += best == item["answer"] and lp.count(lp[best]) == 1
+        prompt = encode_prompt(item["prompt"], tok)
+        rows += [(prompt, tok.encode(c) + [tok.eos_id]) for c in item["choices"]]
+    width = min(model.config.max_seq_len, max(len(p) + len(a) - 1 for p, a in rows))
+    idx = torch.zeros(len(rows), width, dtype=torch.long)
+    targets = torch.full_like(idx, IGNORE_INDEX)
+    for r, (prompt, answer) in enumerate(rows):
+        seq = (prompt + answer)[-(width + 1):]
+        idx[r, :len(seq) - 1] = torch.tensor(seq[:-1])
+        targets[r, len(seq) - 1 - len(answer):len(seq) - 1] = torch.tensor(answer)
+    device = next(model.parameters(), torch.empty(0)).device
+    logits, _ = model(idx.to(device))
+    logps = sequence_logps(logits, targets.to(device)).tolist()
+    out, k = [], 0
+    for item in items:
+        out.append(logps[k:k + len(item["choices"])])
+        k += len(item["choices"])
+    return out
+
+
+def choice_logps(model: torch.nn.Module, tok: Tokenizer, messages: Messages, choices: Sequence[str]) -> list[float]:
+    """log p(choice + EOS | prompt) for each choice of one prompt (see batch_choice_logps)."""
+    return batch_choice_logps(model, tok, [{"prompt": messages, "choices": choices}])[0]
+
+
+def choice_accuracy(model: torch.nn.Module, tok: Tokenizer, items: Sequence[dict], batch_size: int = 16) -> float:
+    """Fraction of items whose answer has the highest log-likelihood among its choices (a tie counts as wrong).
+
+    The demo's accuracy: `choice_accuracy(model.eval(), tok, load_choice_set("DIR/source/eval.jsonl"))`.
+    """
+    correct = 0
+    for lo in range(0, len(items), batch_size):
+        batch = items[lo:lo + batch_size]
+        for item, lp in zip(batch, batch_choice_logps(model, tok, batch), strict=True):
+            best = max(range(len(lp)), key=lp.__getitem__)
+            correct += best == item["answer"] and lp.count(lp[best]) == 1
     return correct / max(len(items), 1)

@@ -12,6 +12,7 @@ from geb.chat import (
     IGNORE_INDEX,
     MARKERS,
     alpaca_to_messages,
+    batch_choice_logps,
     check_messages,
     choice_accuracy,
     choice_logps,
@@ -148,3 +149,9 @@ def test_choice_logps_match_the_model(tokenizer, one_thread):
     items = [{"prompt": msgs, "choices": choices, "answer": int(got[1] > got[0])},
              {"prompt": msgs, "choices": choices, "answer": int(got[1] <= got[0])}]
     assert choice_accuracy(model, tokenizer, items) == 0.5
+    # batched items of other lengths (right padding) score as they do alone
+    other = {"prompt": [{"role": "user", "content": "a much longer question about the cold blue river?"}],
+             "choices": ["no", "yes it is", "maybe"]}
+    both = batch_choice_logps(model, tokenizer, [other, {"prompt": msgs, "choices": choices}])
+    assert both[1] == pytest.approx(got, abs=1e-4)
+    assert both[0] == pytest.approx(choice_logps(model, tokenizer, other["prompt"], other["choices"]), abs=1e-4)
