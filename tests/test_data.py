@@ -1,5 +1,6 @@
 """geb.data: prepare end to end on a real fixture (tokenizer training, parallel tokenizing, exact resume after a
-crash), write_token_dir, and the `python -m geb.data` command line with its one-line errors."""
+crash), write_token_dir, chat and preference directories (stored examples, resume, one-line errors per bad line),
+and the `python -m geb.data` command line with its one-line errors."""
 
 import gzip
 import json
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import CORPUS
 
+import geb.align_data
 import geb.data
 from geb.data import DataError, main, prepare, write_token_dir
 from geb.files import temp_name
@@ -286,7 +288,7 @@ def test_prepare_chat_resumes_and_is_idempotent(tmp_path, tokenizer_file, monkey
     src = write_jsonl(tmp_path / "chat.jsonl", chat_rows(60, seed=1))
     kw = dict(val_fraction=0.1, shard_tokens=200)
     clean = geb.data.prepare_aligned(tmp_path / "clean", "chat", [src], tokenizer_file, **kw)
-    real, calls, crashed = geb.data._write_example_shard, [], []
+    real, calls, crashed = geb.align_data.write_example_shard, [], []
 
     def crashing(path, columns):
         calls.append(path.name)
@@ -295,7 +297,7 @@ def test_prepare_chat_resumes_and_is_idempotent(tmp_path, tokenizer_file, monkey
             raise Crash("killed while writing the 4th shard")
         return real(path, columns)
 
-    monkeypatch.setattr(geb.data, "_write_example_shard", crashing)
+    monkeypatch.setattr(geb.align_data, "write_example_shard", crashing)
     out = tmp_path / "resumed"
     with pytest.raises(Crash):
         geb.data.prepare_aligned(out, "chat", [src], tokenizer_file, **kw)
