@@ -196,7 +196,8 @@ def _split_windows(data_dir: str | os.PathLike, split: str, seq_len: int, batch_
 def eval_calls(split_tokens: int, seq_len: int, batch_size: int, max_tokens: int | None, world_size: int) -> int:
     """The number of batches each rank runs: the split's batches (those that reach into the first max_tokens)
     dealt round-robin, rounded up to whole rounds."""
-    batches = -(-(-(-split_tokens // seq_len)) // batch_size)
+    windows = -(-split_tokens // seq_len)
+    batches = -(-windows // batch_size)
     if max_tokens is not None:
         batches = min(batches, -(-max_tokens // (batch_size * seq_len)))
     return -(-batches // world_size)

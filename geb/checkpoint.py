@@ -102,7 +102,9 @@ def save_sharded_checkpoint(out_dir: str | os.PathLike, step: int, tensors: dict
         remove_temp_files(path.parent)  # leftovers of a save that was killed
         tmp.mkdir()
     _barrier()
-    dcp.save(tensors, checkpoint_id=tmp)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: no collectives
+        dcp.save(tensors, checkpoint_id=tmp)
     if _rank() == 0:
         with atomic_path(tmp / SHARDED_STATE_FILE) as f:
             torch.save(state, f)

@@ -4,7 +4,7 @@ of it; the functions change the model in place (the state dict keeps the plain n
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -16,14 +16,15 @@ SELECTIVE_EVERY = 2  # --ac selective checkpoints every 2nd block (torchtitan's 
 
 def apply_ac(model: GEB, mode: str) -> None:
     """Activation checkpointing: each block ("full") or every SELECTIVE_EVERY-th block ("selective") keeps only
-    its input and recomputes the rest in the backward (non-reentrant, RNG state preserved so dropout matches)."""
+    its input and recomputes the rest in the backward (non-reentrant, RNG state preserved so dropout matches).
+    The composable form hooks the block in place: no wrapper module, so parameter names do not change."""
     if mode not in AC_MODES:
         raise ValueError(f"activation checkpointing mode must be one of {AC_MODES}, got {mode!r}")
     if mode == "none":
         return
     for i, block in enumerate(model.layers):
         if mode == "full" or i % SELECTIVE_EVERY == 0:
-            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+            checkpoint(block)
 
 
 def compile_blocks(model: GEB) -> None:
