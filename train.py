@@ -2,6 +2,7 @@
 `torchrun --nproc_per_node=8 train.py` (GPU, NCCL). Flags: `python train.py --help`."""
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -662,3 +663,6 @@ if __name__ == "__main__":
         main()
     except (CheckpointError, DataError) as e:
         fail(str(e))
+    # DDP, ZeRO and FSDP keep the (destroyed) process group's C++ object alive from reference cycles; collect them
+    # here, not during interpreter shutdown, so Gloo's threads are torn down while the runtime is still whole.
+    gc.collect()
