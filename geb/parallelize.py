@@ -41,14 +41,19 @@ def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
 
 
 def apply_fsdp(model: GEB, device: torch.device) -> None:
-    """FSDP2 over every rank of the default process group: one group per block, the root group holding the
-    embedding, the final norm and the LM head (tied embeddings stay one parameter there)."""
+    """FSDP2 over every rank of the default process group: one group per block; untied, the embedding and the
+    final norm with the LM head are groups of their own (so only one of the two big matrices is ever gathered);
+    the root group holds what is left, with tied embeddings the one shared matrix."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = mixed_precision(device)
+    if not model.config.tie_embeddings:
+        fully_shard(model.embed_tokens, mesh=mesh, mp_policy=policy)
     last = len(model.layers) - 1
     for i, block in enumerate(model.layers):
-        # The root's all-gather follows the last block at once in the backward: keep that block unsharded.
+        # The next group's all-gather follows the last block at once in the backward: keep that block unsharded.
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < last)
+    if not model.config.tie_embeddings:
+        fully_shard([model.norm, model.lm_head], mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 

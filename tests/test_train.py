@@ -86,17 +86,22 @@ def fsdp_run(data_dir, tmp_path_factory) -> Path:
     return out
 
 
-def test_fsdp_matches_ddp(data_dir, fsdp_run, tmp_path):
-    out = tmp_path / "ddp"
-    train(data_dir, out, *FSDP_RUN, "--ac", "selective", nproc=2)  # checkpointing changes no loss either
-    ddp, fsdp = train_losses(out), train_losses(fsdp_run)
+@pytest.mark.parametrize("tied", ["true", "false"])  # the embedding in the root group, or in groups of its own
+def test_fsdp_matches_ddp(data_dir, fsdp_run, tmp_path, tied):
+    out, fsdp_out = tmp_path / "ddp", tmp_path / "fsdp"
+    train(data_dir, out, *FSDP_RUN, "--ac", "selective", "--tie-embeddings", tied, nproc=2)  # AC changes no loss
+    if tied == "true":
+        fsdp_out = fsdp_run
+    else:
+        train(data_dir, fsdp_out, *FSDP_RUN, "--fsdp", "--tie-embeddings", tied, nproc=2)
+    ddp, fsdp = train_losses(out), train_losses(fsdp_out)
     assert [s for s, _ in fsdp] == list(range(1, 21))
     for (_, a), (_, b) in zip(fsdp, ddp, strict=True):
         assert abs(a - b) <= 1e-5 * abs(b), (fsdp, ddp)  # fp32, another reduction order
     ddp_model, _ = load_model(out)
-    fsdp_model, tokenizer = load_model(fsdp_run)  # the sharded checkpoint, read in this one process
-    assert tokenizer == fsdp_run / "tokenizer.model"
-    assert fsdp_model.lm_head.weight is fsdp_model.embed_tokens.weight  # tied, as trained
+    fsdp_model, tokenizer = load_model(fsdp_out)  # the sharded checkpoint, read in this one process
+    assert tokenizer == fsdp_out / "tokenizer.model"
+    assert (fsdp_model.lm_head.weight is fsdp_model.embed_tokens.weight) == (tied == "true")
     for (name, a), b in zip(fsdp_model.state_dict().items(), ddp_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
