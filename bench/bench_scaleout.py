@@ -2,8 +2,9 @@
 with and without --ac, on CPU ranks over Gloo.
 
     python -m bench.bench_scaleout --preset stlm-50m --batch-size 4 --seq-len 256
-    python -m bench.bench_scaleout --preset geb-1.3b --d-model 1024 --n-layers 24 --n-heads 16 --ffn-dim 2816 \\
-        --batch-size 1 --seq-len 256 --rounds 1
+    python -m bench.bench_scaleout --preset geb-1.3b --d-model 1024 --n-layers 16 --n-heads 16 --ffn-dim 2816 \\
+        --batch-size 1 --seq-len 128 --rounds 1 --modes fsdp,zero,ddp
+    python -m bench.bench_scaleout --preset stlm-50m --batch-size 2 --seq-len 256 --activations --acs none,full
 
 The driver launches one `torchrun --standalone --nproc_per_node=NPROC` per configuration (peak RSS is a process's
 high-water mark, so every configuration needs fresh processes), in interleaved rounds, and prints a table. Each rank
@@ -68,6 +69,29 @@ def random_batches(vocab: int, batch_size: int, seq_len: int, seed: int) -> Iter
     while True:
         x = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g)
         yield x[:, :-1], x[:, 1:]
+
+
+def saved_activations(args: argparse.Namespace, ac: str) -> tuple[float, float]:
+    """MiB of the distinct tensors autograd keeps for the backward (the activations; a checkpointed block keeps only
+    its input) and the seconds of one forward + backward, one process, one micro-batch of random tokens."""
+    overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+    config = preset(args.preset, max_seq_len=args.seq_len, dropout=0.0, **overrides)
+    torch.manual_seed(0)
+    model = GEB(config)
+    parallelize(model, torch.device("cpu"), ac=ac)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x, y = next(random_batches(config.vocab_size, args.batch_size, args.seq_len, 0))
+    t0 = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(x, y, logits="none")
+    loss.backward()
+    return sum(n for ptr, n in saved.items() if ptr not in weights) / 2**20, time.perf_counter() - t0
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -140,12 +164,22 @@ def main() -> None:
     p.add_argument("--acs", default="none,full")
     p.add_argument("--mode", choices=MODES, default="ddp")
     p.add_argument("--ac", default="none")
+    p.add_argument("--activations", action="store_true",
+                   help="instead: saved-activation MiB and forward+backward time per --acs mode, in this process")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for k in OVERRIDES:
         p.add_argument(f"--{k.replace('_', '-')}", type=int, default=None)
     args = p.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.activations:
+        torch.set_num_threads(1)
+        rows = {ac: [saved_activations(args, ac) for _ in range(args.rounds)] for ac in args.acs.split(",")}
+        print(f"{args.preset} batch {args.batch_size}x{args.seq_len}, 1 thread; load {os.getloadavg()[0]:.1f}")
+        print("| --ac | saved activations (MiB) | forward + backward (s, min of rounds) |\n|---|---|---|")
+        for ac, runs in rows.items():
+            print(f"| {ac} | {runs[0][0]:.0f} | {min(t for _, t in runs):.2f} |")
         return
     configs = [(m, a) for m in args.modes.split(",") for a in args.acs.split(",")]
     results: dict[tuple[str, str], list[dict]] = {c: [] for c in configs}
