@@ -209,8 +209,7 @@ def load_model(source: str | os.PathLike, impl: str = "auto") -> tuple[GEB, Path
     elif source.is_dir():
         latest = load_latest(source)
         if latest is None:
-            raise CheckpointError(f"{source}: no readable checkpoint (ckpt-*.pt, ckpt-*/) and no Hugging Face "
-                                  "config.json")
+            raise CheckpointError(f"{source}: no readable checkpoint (ckpt-*.pt) and no Hugging Face config.json")
         path, state = latest
     elif source.is_file():
         path, state = source, load_checkpoint(source)
