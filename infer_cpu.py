@@ -1,7 +1,8 @@
-"""Generate text on a CPU from a geb checkpoint: static KV cache, optional torch.compile and int8 quantization.
+"""Generate text on a CPU from a geb checkpoint: static KV cache, optional torch.compile and int8 or
+4-bit quantization.
 
     python infer_cpu.py --prompt "Once upon a time"            # latest checkpoint of out/tiny
-    python infer_cpu.py --ckpt out/tiny/ckpt-0001000.pt --prompt "..." --quant int8 --compile
+    python infer_cpu.py --ckpt out/tiny/ckpt-0001000.pt --prompt "..." --quant int4 --compile
     python infer_cpu.py --bench --quant int8 --compile          # random geb-1.3b weights, one JSON line
 
 The continuation streams to stdout; a stats line goes to stderr. Training documents are followed by EOS, so the
@@ -21,7 +22,7 @@ import torch
 
 from geb.checkpoint import CheckpointError, list_checkpoints, load_model
 from geb.config import PRESETS, preset
-from geb.cpu_linear import convert_for_cpu
+from geb.cpu_linear import QUANTS, convert_for_cpu
 from geb.generate import Decoder, GenerationStats, fit_prompt
 from geb.model import GEB
 from geb.tokenizer import Tokenizer
@@ -179,8 +180,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-    p.add_argument("--quant", choices=("none", "int8"), default="none",
-                   help="weights of every linear layer: none = fp32 (geb AVX2 kernel), int8 = dynamic int8")
+    p.add_argument("--quant", choices=QUANTS, default="none",
+                   help="weights of every linear layer: none = fp32 (geb AVX2 kernel), int8 = dynamic int8, "
+                   "int4 = Q4_0 (geb AVX2 kernel)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
     p.add_argument("--bench", action="store_true", help="time a random-init --preset model; print one JSON line")

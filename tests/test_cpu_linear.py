@@ -6,13 +6,20 @@ import os
 import shutil
 import time
 
+import gguf
 import pytest
 import torch
 
-import gguf
-
-from geb.cpu_linear import (F32Linear, Int4Linear, _clear_stale_build_lock, convert_for_cpu, dequantize_q4_0, load_gemv,
-                            quantize_int8, quantize_q4_0)
+from geb.cpu_linear import (
+    F32Linear,
+    Int4Linear,
+    _clear_stale_build_lock,
+    convert_for_cpu,
+    dequantize_q4_0,
+    load_gemv,
+    quantize_int8,
+    quantize_q4_0,
+)
 from geb.generate import Decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")

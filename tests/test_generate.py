@@ -110,11 +110,12 @@ def test_stream_decoder_equals_one_shot_on_a_sampled_continuation(tiny_model, to
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights", ["plain", "gemv", "fbgemm"])
+@pytest.mark.parametrize("weights", ["plain", "gemv", "fbgemm", "q4_0"])
 def test_compiled_equals_eager_without_recompiles(weights):
     torch.manual_seed(9)
     model = GEB(small_config(), impl="torch").eval()
-    if weights != "plain" and convert_for_cpu(model, "int8" if weights == "fbgemm" else "none") != weights:
+    quant = {"fbgemm": "int8", "q4_0": "int4"}.get(weights, "none")
+    if weights != "plain" and convert_for_cpu(model, quant) != weights:
         pytest.skip(f"this torch build has no {weights} weights")
     prompt = torch.randint(0, 97, (6,)).tolist()
     eager = list(Decoder(model).generate(prompt, 24, temperature=0.0))
