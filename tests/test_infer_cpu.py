@@ -22,7 +22,13 @@ from geb.tokenizer import EOS_ID
 ROOT = Path(__file__).resolve().parent.parent
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """infer_cpu.py caches converted weights in geb's cache dir: a test's go to its own."""
+    monkeypatch.setenv("GEB_CACHE", str(tmp_path / "geb-cache"))
 
 
 def make_run(run_dir: Path, tokenizer_file: Path, max_seq_len: int = 128, copy_tokenizer: bool = True,
@@ -104,15 +110,16 @@ def test_missing_or_mismatched_tokenizer(tmp_path, tokenizer_file, capsys):
     assert code != 0 and "does not match" in err and len(err.strip().splitlines()) == 1
 
 
-def test_bench_json_line(capsys):
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_bench_json_line(capsys, quant):
     code, out, err = run_main(["--bench", "--preset", "tiny", "--max-new-tokens", "8", "--threads", "1",
-                               "--quant", "int8"], capsys)
+                               "--quant", quant], capsys)
     assert code == 0, err
     row = json.loads(out.strip())
     for key in ("preset", "quant", "compile", "threads", "prefill_tokens_per_s", "decode_tokens_per_s",
                 "peak_rss_mb", "load_s", "compile_s"):
         assert key in row
-    assert row["preset"] == "tiny" and row["quant"] == "int8" and row["new_tokens"] == 8
+    assert row["preset"] == "tiny" and row["quant"] == quant and row["new_tokens"] == 8
     assert row["decode_tokens_per_s"] > 0
 
 
