@@ -271,6 +271,22 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    @classmethod
+    def empty_like(cls, linear: nn.Linear) -> "Int4Linear":
+        """An Int4Linear of linear's shape with uninitialized weights (on linear's device), to load a state dict."""
+        if not load_gemv():
+            raise RuntimeError("Int4Linear needs geb/gemv.cpp built: an AVX2 CPU, a C++ compiler and ninja")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        kp = -(-linear.in_features // Q4_PAD) * Q4_PAD
+        device = linear.weight.device
+        self.register_buffer("qs", torch.empty(linear.out_features, kp // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(linear.out_features, kp // Q4_BLOCK, dtype=torch.float16,
+                                                   device=device))
+        self.register_buffer("bias", None if linear.bias is None else torch.empty_like(linear.bias))
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.geb.linear_q4(x, self.qs, self.scales, self.in_features)
         return y if self.bias is None else y + self.bias

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from geb.checkpoint import list_checkpoints
 from geb.config import ModelConfig
@@ -61,15 +63,38 @@ def _file_stamp(path: Path) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
+class _SkipInit(TorchFunctionMode):
+    """Weight initialization as a no-op (the weights are assigned from the cache afterwards)."""
+
+    INIT = ("normal_", "uniform_", "zero_", "fill_", "zeros_", "ones_", "kaiming_uniform_", "trunc_normal_")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self.INIT:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def _meta_linear(in_features: int, out_features: int) -> nn.Linear:
+    with torch.device("meta"), _SkipInit():
+        return nn.Linear(in_features, out_features, bias=False)
+
+
 def _skeleton(config: ModelConfig, quant: str) -> GEB:
-    """A meta-device model with the module structure of convert_for_cpu(model, quant) (weights not computed)."""
-    with torch.device("meta"):
+    """A meta-device model with the module structure of convert_for_cpu(model, quant), weights not computed.
+    Built without running tensor ops on the meta device: their Python meta kernels import torch._dynamo (~3 s)."""
+    with torch.device("meta"), _SkipInit():
         model = GEB(config)
-        model.fuse_projections()
-        if quant == "none":
-            _replace_linears(model, F32Linear)
-        elif quant == "int4":
-            _replace_linears(model, Int4Linear)
+    kv_dim = config.n_kv_heads * config.head_dim
+    for layer in model.layers:  # the structure model.fuse_projections() leaves
+        a, m = layer.self_attn, layer.mlp
+        a.qkv_proj = _meta_linear(config.d_model, config.n_heads * config.head_dim + 2 * kv_dim)
+        m.gate_up_proj = _meta_linear(config.d_model, 2 * config.ffn_dim)
+        del a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj
+    if quant == "none":
+        _replace_linears(model, F32Linear)
+    elif quant == "int4":
+        _replace_linears(model, Int4Linear.empty_like)
     return model
 
 

@@ -139,3 +139,16 @@ def test_ctrl_c_flushes_and_exits_zero(tmp_path, tokenizer_file):
     assert proc.returncode == 0, err.decode()
     assert first and "stop: interrupted" in err.decode()
     assert "Traceback" not in err.decode()
+
+
+def test_warm_start_maps_the_cached_int4_weights(tiny_run, tmp_path):
+    """Two fresh processes on one checkpoint: the first converts and caches, the second starts from the cache (the
+    kernel built and loaded there too) and prints the same greedy continuation."""
+    cmd = [sys.executable, str(ROOT / "infer_cpu.py"), "--ckpt", str(tiny_run.run_dir), "--prompt", "Thunder and",
+           "--greedy", "--max-new-tokens", "12", "--threads", "1", "--quant", "int4"]
+    env = {**os.environ, "GEB_CACHE": str(tmp_path / "cache")}
+    runs = [subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
+    assert "(converted, cached)" in runs[0].stderr and "(cache)" in runs[1].stderr, runs[1].stderr
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.strip()
+    assert "first token" in runs[1].stderr
