@@ -1,4 +1,4 @@
-"""CPU weight formats for inference: every nn.Linear (LM head included) as fp32 for batch-1 decoding, or int8.
+"""CPU weight formats for inference: every nn.Linear (LM head included) as fp32 for batch-1 decoding, int8 or int4.
 
 At batch 1 a linear layer is a matrix-vector product bound by reading its weights. fp32 (`pack_fp32`), the first
 that this machine has:
@@ -18,6 +18,10 @@ Int8 methods (measured on our CPU; see BENCHMARKS.md "CPU decode"):
 - "woq": weight-only int8 (fp32 activations) through torch._weight_int8pack_mm; the fallback when a torch build
   has no quantized CPU engine. Slow on our CPU, but available everywhere.
 torchao (0.18) was measured too and was slower than all but "woq" here; it is not a dependency.
+
+Int4 ("q4_0"): ggml's Q4_0 values (blocks of 32 weights, one fp16 scale each) in geb/gemv.cpp's layout, on its AVX2
+integer kernel (activations quantized to int8 per block at each call). PyTorch has no fast 4-bit CPU kernel for fp32
+activations on AVX2 (its int4 CPU kernels vectorize bf16 activations, or need Arm or AVX-512).
 The embedding stays fp32: a lookup reads one row per token, quantizing it saves memory, not time.
 """
 
@@ -233,6 +237,7 @@ class Int8Linear(nn.Module):
 
 Q4_BLOCK = 32  # weights per Q4_0 block (one fp16 scale each)
 Q4_PAD = 256  # geb/gemv.cpp reads a row's scales eight blocks at a time: rows padded to a multiple of 256
+Q4_MAX_TILED_ROWS = 192  # geb/gemv.cpp's kQ4MaxTiledInputs: longer inputs go through fp32 GEMM on dequantized rows
 
 
 def quantize_q4_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

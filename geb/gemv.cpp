@@ -142,6 +142,11 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const std::
 
 constexpr int64_t kQ4Rows = 4;  // weight rows a tile: each activation block loaded serves four of them
 constexpr int kQ4Inputs = 3;  // input rows a prompt tile
+// Longer prompts: rows dequantized to fp32 a chunk at a time and multiplied by at::mm, whose GEMM outruns the integer
+// tiles there (the integer multiplies are split in two on Zen 1); geb/cpu_linear.py mirrors this as
+// Q4_MAX_TILED_ROWS.
+constexpr int64_t kQ4MaxTiledInputs = 192;
+constexpr int64_t kQ4ChunkRows = 256;
 
 // Activations quantized per block of 32: xq [M, Kp] int8 (zero past K), dx [M, Kp / 32] scales and
 // c [M, Kp / 32] = 8 * dx * sum(xq) per block, the term that turns unsigned nibbles into q - 8.
@@ -240,6 +245,37 @@ void q4_rows(const uint8_t* qs, const uint16_t* scales, const QuantizedInput& in
   }
 }
 
+// w [n1 - n0, K] fp32 = rows n0.. of the Q4 weight, (q - 8) * d.
+void q4_dequantize_rows(const uint8_t* qs, const uint16_t* scales, float* w, int64_t n0, int64_t n1, int64_t K,
+                        int64_t Kp) {
+  const int64_t nb = Kp / 32;
+  at::parallel_for(n0, n1, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; n++) {
+      const uint8_t* p_q = qs + n * (Kp / 2);
+      float* p_w = w + (n - n0) * K;
+      for (int64_t b = 0; b < nb && b * 32 < K; b++) {
+        const float d = _cvtsh_ss(scales[n * nb + b]);
+        const uint8_t* p_chunk = p_q + (b / 2) * 32;
+        const int shift = (b % 2) * 4;  // even blocks in the low nibbles of their 64-weight chunk
+        for (int64_t j = 0; j < 32 && b * 32 + j < K; j++)
+          p_w[b * 32 + j] = static_cast<float>(((p_chunk[j] >> shift) & 0x0F) - 8) * d;
+      }
+    }
+  });
+}
+
+at::Tensor linear_q4_gemm(const at::Tensor& x2, const uint8_t* qs, const uint16_t* scales, int64_t N, int64_t K,
+                          int64_t Kp) {
+  at::Tensor y = at::empty({x2.size(0), N}, x2.options());
+  at::Tensor w = at::empty({std::min(kQ4ChunkRows, N), K}, x2.options());
+  for (int64_t n0 = 0; n0 < N; n0 += kQ4ChunkRows) {
+    const int64_t n1 = std::min(n0 + kQ4ChunkRows, N);
+    q4_dequantize_rows(qs, scales, w.data_ptr<float>(), n0, n1, K, Kp);
+    y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, w.narrow(0, 0, n1 - n0).t()));
+  }
+  return y;
+}
+
 at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, int64_t in_features) {
   TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.size(1) % 128 == 0,
               "geb::linear_q4: qs must be a contiguous 2-D uint8 tensor of [N, Kp / 2] with Kp % 256 == 0, got ",
@@ -259,6 +295,11 @@ at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   out_shape.back() = N;
   at::Tensor y = at::empty(out_shape, x_c.options());
   if (M == 0 || N == 0) return y.to(x.scalar_type());
+  if (M > kQ4MaxTiledInputs) {
+    const at::Tensor y2 = linear_q4_gemm(x_c.reshape({M, K}), qs.data_ptr<uint8_t>(),
+                                         reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), N, K, Kp);
+    return y2.reshape(out_shape).to(x.scalar_type());
+  }
   const QuantizedInput in = quantize_input(x_c.data_ptr<float>(), M, K, Kp);
   const uint8_t* p_qs = qs.data_ptr<uint8_t>();
   const uint16_t* p_s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from geb.cpu_linear import (
+    Q4_MAX_TILED_ROWS,
     F32Linear,
     Int4Linear,
     _clear_stale_build_lock,
@@ -192,9 +193,11 @@ def _check_linear_q4(n: int, k: int, m: int) -> None:
     with torch.no_grad():
         y = torch.ops.geb.linear_q4(x, qs, scales, k)
     assert y.shape == (m, n) and y.dtype == torch.float32
-    ref = _q8_blocks(x) @ wd.t()
+    # Up to Q4_MAX_TILED_ROWS inputs the kernel quantizes them to int8 blocks; beyond, fp32 GEMM on dequantized rows.
+    xq = _q8_blocks(x) if m <= Q4_MAX_TILED_ROWS else x.double()
+    ref = xq @ wd.t()
     # Integer block sums are exact: what is left is fp32 rounding of the scales' products and the sums.
-    bound = 1e-5 * (_q8_blocks(x).abs() @ wd.abs().t()) + 1e-6
+    bound = 1e-5 * (xq.abs() @ wd.abs().t()) + 1e-6
     assert ((y.double() - ref).abs() <= bound).all(), ((y.double() - ref).abs() / bound).max().item()
     # Against the unquantized activations: int8 per block of 32 loses little.
     cos = torch.nn.functional.cosine_similarity(y.double(), x.double() @ wd.t(), dim=-1)
@@ -204,7 +207,8 @@ def _check_linear_q4(n: int, k: int, m: int) -> None:
 def test_q4_kernel_against_fp64():
     """geb/gemv.cpp's Q4_0 kernel against fp64 of the same block-dequantized weights and int8 activation blocks:
     one token and prompt tiles (input counts not a multiple of its 3), row counts not a multiple of 4, lengths not a
-    multiple of 32 or 256, and an LM-head-like matrix of many rows."""
+    multiple of 32 or 256, an LM-head-like matrix of many rows; and long prompts (fp32 GEMM on dequantized rows, in
+    chunks of 256 rows) against fp64 of the unquantized activations."""
     _needs_gemv()
     torch.manual_seed(5)
     threads = torch.get_num_threads()
@@ -213,6 +217,8 @@ def test_q4_kernel_against_fp64():
         for n, k in [(1, 32), (3, 47), (4, 256), (7, 96), (13, 300), (130, 2048), (515, 704), (4099, 96)]:
             for m in (1, 2, 3, 5, 17):
                 _check_linear_q4(n, k, m)
+        for n, k in [(3, 47), (515, 300)]:
+            _check_linear_q4(n, k, Q4_MAX_TILED_ROWS + 1)
     finally:
         torch.set_num_threads(threads)
     with pytest.raises(RuntimeError, match="last dimension must be 96"):
