@@ -188,7 +188,7 @@ def test_cpu_decode_side_by_side(tmp_path):
     rows = {}
     with torch.no_grad():
         plain = geb_engine(Decoder(model, max_seq_len=PROMPT_TOKENS + TOKENS), prompt, TOKENS)
-        rows.update(race({("geb eager", "fp32 (as trained: MKL)"): (plain[0], None)}, [], min(ROUNDS, 2)))
+        rows.update(race({("geb eager", "fp32 (as trained: MKL)"): (plain[0], None)}, [], 1))
         ref = rows[("geb eager", "fp32 (as trained: MKL)")]["tokens"]
         del plain
         model.clear_kv_cache()
@@ -273,7 +273,7 @@ def test_cpu_startup(tmp_path):
     del model, state
     gc.collect()
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     rows = {"import torch": [time_to_first_byte([sys.executable, "-c", "import torch; print(1)"], env)
                              for _ in range(ROUNDS)]}
     for q in QUANTS:
