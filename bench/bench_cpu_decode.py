@@ -181,19 +181,21 @@ def test_cpu_decode_side_by_side(tmp_path):
     prompt = torch.randint(0, model.config.vocab_size, (PROMPT_TOKENS,)).tolist()
     lengths = [n for n in PREFILL if n + 1 <= context]
     prompts = [torch.randint(0, model.config.vocab_size, (n,)).tolist() for n in lengths]
-    cache_len = max([PROMPT_TOKENS + TOKENS, *lengths])
+    cache_len = max([PROMPT_TOKENS + TOKENS, *(n + 1 for n in lengths)])
     transformers = optional("transformers") if WITH_HF else None
     llama_cpp = optional("llama_cpp")
     geb_kind = "geb compiled" if COMPILE else "geb eager"
     rows = {}
     with torch.no_grad():
-        plain = geb_engine(Decoder(model, max_seq_len=PROMPT_TOKENS + TOKENS), prompt, TOKENS)
-        rows.update(race({("geb eager", "fp32 (as trained: MKL)"): (plain[0], None)}, [], 1))
-        ref = rows[("geb eager", "fp32 (as trained: MKL)")]["tokens"]
-        del plain
-        model.clear_kv_cache()
+        ref = None
+        if "fp32" in QUANTS:  # the reference continuation: every fp32 engine must give it
+            plain = geb_engine(Decoder(model, max_seq_len=PROMPT_TOKENS + TOKENS), prompt, TOKENS)
+            rows.update(race({("geb eager", "fp32 (as trained: MKL)"): (plain[0], None)}, [], 1))
+            ref = rows[("geb eager", "fp32 (as trained: MKL)")]["tokens"]
+            del plain
+            model.clear_kv_cache()
         # The other engines' copies of the same weights, written while the fp32 model exists.
-        hf_dir = export_hf(model, tmp_path / "hf")
+        hf_dir = export_hf(model, tmp_path / "hf") if len(QUANTS) > 1 or transformers is not None else None
         gguf = {}
         if llama_cpp is not None:
             # llama.cpp needs a vocabulary in the file
@@ -203,8 +205,7 @@ def test_cpu_decode_side_by_side(tmp_path):
 
         for weights in QUANTS:
             engines, hf = {}, None
-            if weights != "fp32" or model is None:
-                del model
+            if model is None:  # the previous precision converted it: the same weights again
                 gc.collect()
                 model = load_hf(hf_dir, impl="torch").eval()
             decoder, fmt, _ = infer_cpu.make_decoder(model, GEB_QUANT[weights], COMPILE, cache_len, None)
@@ -223,7 +224,7 @@ def test_cpu_decode_side_by_side(tmp_path):
                                                                          max(lengths, default=0))
             results = race(engines, prompts, ROUNDS)
             rows.update(results)
-            if weights == "fp32":  # the same weights give the same greedy continuation in every engine
+            if ref is not None and weights == "fp32":  # the same weights, the same greedy continuation everywhere
                 assert all(r["tokens"][:8] == ref[:8] for r in results.values())
             del engines, hf, decoder
             model = None

@@ -173,6 +173,10 @@ def test_export_is_atomic_and_refuses_bad_input(tmp_path, tokenizer_file, monkey
         export_gguf(too_small, tokenizer_file, out, "f16")
     with pytest.raises(ValueError, match=r"--type must be one of \('f32', 'f16', 'q8_0', 'q4_0'\), got 'q4_1'"):
         export_gguf(too_small, tokenizer_file, out, "q4_1")
+    narrow = GEB(ModelConfig(vocab_size=sp.get_piece_size(), d_model=48, n_layers=1, n_heads=2, n_kv_heads=1,
+                             ffn_dim=64), impl="torch")
+    with pytest.raises(ValueError, match="--type q4_0: token_embd.weight has 48 columns, not a multiple of 32"):
+        export_gguf(narrow, tokenizer_file, out, "q4_0")
     post_norm = GEB(ModelConfig(vocab_size=sp.get_piece_size(), d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
                                 ffn_dim=64, norm_position="post"), impl="torch")
     with pytest.raises(ValueError, match="norm_position='post' has no llama.cpp equivalent"):
