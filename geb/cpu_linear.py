@@ -237,7 +237,7 @@ class Int8Linear(nn.Module):
 
 Q4_BLOCK = 32  # weights per Q4_0 block (one fp16 scale each)
 Q4_PAD = 256  # geb/gemv.cpp reads a row's scales eight blocks at a time: rows padded to a multiple of 256
-Q4_MAX_TILED_ROWS = 192  # geb/gemv.cpp's kQ4MaxTiledInputs: longer inputs go through fp32 GEMM on dequantized rows
+Q4_MAX_TILED_ROWS = 1024  # geb/gemv.cpp's kQ4MaxTiledInputs: longer inputs go through fp32 GEMM on dequantized rows
 
 
 def quantize_q4_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,6 @@
-// geb::linear_f32 and geb::linear_q4: fp32 and 4-bit linear layers for CPU decoding. At batch 1 it is a matrix-vector product bound by how fast the
-// weights stream from memory; this AVX2 kernel streams them faster than oneDNN's and MKL's here (BENCHMARKS.md).
+// geb::linear_f32 and geb::linear_q4: fp32 and 4-bit linear layers for CPU decoding. At batch 1 a linear layer is a
+// matrix-vector product bound by how fast the weights stream from memory; this AVX2 kernel streams them faster than
+// oneDNN's and MKL's here (BENCHMARKS.md).
 // A few input rows (a prompt) go through a small tiled kernel that reads each weight row once for all of them;
 // more than kMaxTiledInputs go to at::linear. The schema and the fake kernel are in geb/cpu_linear.py, which builds
 // this.
@@ -142,10 +143,10 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const std::
 
 constexpr int64_t kQ4Rows = 4;  // weight rows a tile: each activation block loaded serves four of them
 constexpr int kQ4Inputs = 3;  // input rows a prompt tile
-// Longer prompts: rows dequantized to fp32 a chunk at a time and multiplied by at::mm, whose GEMM outruns the integer
-// tiles there (the integer multiplies are split in two on Zen 1); geb/cpu_linear.py mirrors this as
-// Q4_MAX_TILED_ROWS.
-constexpr int64_t kQ4MaxTiledInputs = 192;
+// Longer prompts: rows dequantized to fp32 a chunk at a time and multiplied by at::mm. At 512 tokens that was about
+// level with the integer tiles in a one-matrix timing and slower in a whole-model run, so only prompts past 1024 take
+// it; geb/cpu_linear.py mirrors this as Q4_MAX_TILED_ROWS.
+constexpr int64_t kQ4MaxTiledInputs = 1024;
 constexpr int64_t kQ4ChunkRows = 256;
 
 // Activations quantized per block of 32: xq [M, Kp] int8 (zero past K), dx [M, Kp / 32] scales and
