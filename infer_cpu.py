@@ -1,7 +1,8 @@
-"""Generate text on a CPU from a geb checkpoint: static KV cache, optional torch.compile and int8 quantization.
+"""Generate text on a CPU from a geb checkpoint: static KV cache, optional torch.compile and int8 or
+4-bit quantization.
 
     python infer_cpu.py --prompt "Once upon a time"            # latest checkpoint of out/tiny
-    python infer_cpu.py --ckpt out/tiny/ckpt-0001000.pt --prompt "..." --quant int8 --compile
+    python infer_cpu.py --ckpt out/tiny/ckpt-0001000.pt --prompt "..." --quant int4 --compile
     python infer_cpu.py --bench --quant int8 --compile          # random geb-1.3b weights, one JSON line
 
 The continuation streams to stdout; a stats line goes to stderr. Training documents are followed by EOS, so the
@@ -21,10 +22,11 @@ import torch
 
 from geb.checkpoint import CheckpointError, list_checkpoints, load_model
 from geb.config import PRESETS, preset
-from geb.cpu_linear import convert_for_cpu
+from geb.cpu_linear import QUANTS, convert_for_cpu, quantize_int8
 from geb.generate import Decoder, GenerationStats, fit_prompt
 from geb.model import GEB
 from geb.tokenizer import Tokenizer
+from geb.weights_cache import checkpoint_file, load_cached, save_cached
 
 DEFAULT_RUN = "out/tiny"
 TRAIN_HINT = "torchrun --standalone --nproc_per_node=2 train.py` (or `python train.py`)"
@@ -91,13 +93,43 @@ def run_bench(args: argparse.Namespace) -> None:
     }), flush=True)
 
 
-def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GEB, Tokenizer]:
-    """Model and tokenizer of --ckpt (default: the latest checkpoint of out/tiny); user errors exit with one line."""
+def load_converted(source: Path, quant: str, use_cache: bool) -> tuple[GEB, Path | None, str]:
+    """The model of source with its linear layers converted for --quant, and its tokenizer path: from the start-up
+    cache (geb.weights_cache) when it holds this checkpoint, else loaded, converted and cached; also where it came
+    from ("cache", "converted, cached" or "converted")."""
+    ckpt = checkpoint_file(source) if use_cache else None
+    if ckpt is not None and (cached := load_cached(ckpt, quant)) is not None:
+        model, tokenizer_path = cached
+        if quant == "int8":  # the entry holds the fused fp32 weights; FBGEMM packs them again
+            quantize_int8(model)
+        return model, tokenizer_path, "cache"
+    model, tokenizer_path = load_model(source)
+    if ckpt is None:
+        convert_for_cpu(model, quant)
+        return model, tokenizer_path, "converted"
+    if quant == "int8":
+        model.fuse_projections()  # cached as fused fp32 nn.Linear weights, quantized below
+    else:
+        convert_for_cpu(model, quant)
+    try:
+        save_cached(ckpt, quant, model, tokenizer_path)
+        origin = "converted, cached"
+    except OSError as e:  # a full or read-only cache dir costs the next start time, not this one its output
+        print(f"warning: could not cache the converted weights ({e})", file=sys.stderr)
+        origin = "converted"
+    if quant == "int8":
+        quantize_int8(model)
+    return model, tokenizer_path, origin
+
+
+def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GEB, Tokenizer, str]:
+    """Model (linear layers converted for --quant) and tokenizer of --ckpt (default: the latest checkpoint of
+    out/tiny), and where the weights came from; user errors exit with one line."""
     source = Path(args.ckpt or DEFAULT_RUN)
     if args.ckpt is None and not list_checkpoints(source):
         sys.exit(f"error: no checkpoint in {source}/; train one with `{TRAIN_HINT}, or pass --ckpt PATH")
     try:
-        model, tokenizer_path = load_model(source)
+        model, tokenizer_path, origin = load_converted(source, args.quant, not args.no_cache)
     except CheckpointError as e:
         hint = f"; train one with `{TRAIN_HINT}" if source.is_dir() and not list_checkpoints(source) else ""
         sys.exit(f"error: --ckpt {e}{hint}")
@@ -112,7 +144,7 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GEB, Tokenizer]:
     if tokenizer.vocab_size > model.config.vocab_size:
         sys.exit(f"error: {tokenizer_path} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                  f"{model.config.vocab_size}: not the tokenizer this checkpoint was trained with")
-    return model, tokenizer
+    return model, tokenizer, origin
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, context: int, max_new_tokens: int) -> list[int]:
@@ -125,14 +157,15 @@ def encode_prompt(tokenizer: Tokenizer, text: str, context: int, max_new_tokens:
 
 
 def stream_continuation(decoder: Decoder, tokenizer: Tokenizer, prompt: list[int], args: argparse.Namespace,
-                        stats: GenerationStats) -> bool:
-    """Write the continuation of prompt to stdout as it is decoded; whether Ctrl-C stopped it."""
+                        stats: GenerationStats) -> tuple[bool, float]:
+    """Write the continuation of prompt to stdout as it is decoded; whether Ctrl-C stopped it, and the
+    perf_counter time its first text was printed (nan if none was)."""
     text_decoder = tokenizer.stream_decoder()
     for t in prompt:  # prime the decoder so the continuation's first piece decodes in context (leading spaces)
         text_decoder.push(t)
     text_decoder.flush()
     temperature = 0.0 if args.greedy else args.temperature
-    interrupted = False
+    interrupted, first_s = False, float("nan")
     try:
         for token in decoder.generate(prompt, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
                                       top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id, stats=stats,
@@ -141,28 +174,31 @@ def stream_continuation(decoder: Decoder, tokenizer: Tokenizer, prompt: list[int
             if text:
                 sys.stdout.write(text)
                 sys.stdout.flush()
+                if first_s != first_s:
+                    first_s = time.perf_counter()
     except KeyboardInterrupt:
         interrupted = True
     sys.stdout.write(text_decoder.flush() + "\n")
     sys.stdout.flush()
-    return interrupted
+    return interrupted, first_s
 
 
 def run_prompt(args: argparse.Namespace) -> None:
     """Stream the continuation of --prompt to stdout, stats to stderr."""
     t0 = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(args)
+    model, tokenizer, origin = load_model_and_tokenizer(args)
     prompt = encode_prompt(tokenizer, args.prompt, model.config.max_seq_len, args.max_new_tokens)
     cache_len = min(model.config.max_seq_len, len(prompt) + args.max_new_tokens)
-    decoder, _, _ = make_decoder(model, args.quant, args.compile, cache_len, args.compile_mode)
-    load_s = time.perf_counter() - t0  # checkpoint, tokenizer and quantization
-    compile_s = decoder.warmup() if args.compile else 0.0
+    # The decode step compiles after the first token is printed (the prompt goes through the eager model).
+    decoder = Decoder(model, max_seq_len=cache_len, compile=args.compile, compile_mode=args.compile_mode)
+    load_s = time.perf_counter() - t0  # checkpoint (or cache), tokenizer and weight conversion
     stats = GenerationStats()
-    interrupted = stream_continuation(decoder, tokenizer, prompt, args, stats)
+    interrupted, first_s = stream_continuation(decoder, tokenizer, prompt, args, stats)
     stop = "interrupted" if interrupted else stats.stop_reason
     print(f"[prompt {stats.prompt_tokens} tokens | prefill {stats.prefill_tokens_per_s:.1f} tok/s | "
           f"decode {stats.decode_tokens_per_s:.2f} tok/s ({stats.new_tokens} tokens, stop: {stop}) | "
-          f"peak RSS {peak_rss_mb():.0f} MB | load {load_s:.2f} s | compile {compile_s:.2f} s]", file=sys.stderr)
+          f"peak RSS {peak_rss_mb():.0f} MB | load {load_s:.2f} s ({origin}) | first token {first_s - t0:.2f} s | "
+          f"compile {stats.compile_s:.2f} s]", file=sys.stderr)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -179,9 +215,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-    p.add_argument("--quant", choices=("none", "int8"), default="none",
-                   help="weights of every linear layer: none = fp32 (geb AVX2 kernel), int8 = dynamic int8")
+    p.add_argument("--quant", choices=QUANTS, default="none",
+                   help="weights of every linear layer: none = fp32 (geb AVX2 kernel), int8 = dynamic int8, "
+                   "int4 = Q4_0 (geb AVX2 kernel)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither use nor write the converted weights in geb's cache dir (GEB_CACHE)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
     p.add_argument("--bench", action="store_true", help="time a random-init --preset model; print one JSON line")
     p.add_argument("--preset", default="geb-1.3b", help="model preset for --bench (default geb-1.3b)")

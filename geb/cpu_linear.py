@@ -1,4 +1,4 @@
-"""CPU weight formats for inference: every nn.Linear (LM head included) as fp32 for batch-1 decoding, or int8.
+"""CPU weight formats for inference: every nn.Linear (LM head included) as fp32 for batch-1 decoding, int8 or int4.
 
 At batch 1 a linear layer is a matrix-vector product bound by reading its weights. fp32 (`pack_fp32`), the first
 that this machine has:
@@ -18,6 +18,10 @@ Int8 methods (measured on our CPU; see BENCHMARKS.md "CPU decode"):
 - "woq": weight-only int8 (fp32 activations) through torch._weight_int8pack_mm; the fallback when a torch build
   has no quantized CPU engine. Slow on our CPU, but available everywhere.
 torchao (0.18) was measured too and was slower than all but "woq" here; it is not a dependency.
+
+Int4 ("q4_0"): ggml's Q4_0 values (blocks of 32 weights, one fp16 scale each) in geb/gemv.cpp's layout, on its AVX2
+integer kernel (activations quantized to int8 per block at each call). PyTorch has no fast 4-bit CPU kernel for fp32
+activations on AVX2 (its int4 CPU kernels vectorize bf16 activations, or need Arm or AVX-512).
 The embedding stays fp32: a lookup reads one row per token, quantizing it saves memory, not time.
 """
 
@@ -36,6 +40,7 @@ from torch.utils import cpp_extension
 from geb.model import GEB
 
 METHODS = ("auto", "fbgemm", "woq")
+QUANTS = ("none", "int8", "int4")
 
 # Packed oneDNN and FBGEMM weights, by handle: operators take tensors and scalars, not TorchScript objects or
 # oneDNN-layout tensors (which dynamo cannot trace). Entries live as long as the process (one model per inference
@@ -49,6 +54,7 @@ _LIB = torch.library.Library("geb", "FRAGMENT")
 _LIB.define("linear_int8_dynamic(Tensor x, int handle, int out_features) -> Tensor")
 _LIB.define("linear_onednn(Tensor x, int handle, int out_features) -> Tensor")
 _LIB.define("linear_f32(Tensor x, Tensor weight, Tensor? bias) -> Tensor")  # CPU kernel: geb/gemv.cpp
+_LIB.define("linear_q4(Tensor x, Tensor qs, Tensor scales, int in_features) -> Tensor")  # CPU kernel: geb/gemv.cpp
 
 
 def _linear_int8_dynamic(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
@@ -73,6 +79,11 @@ for _name, _kernel in (("linear_int8_dynamic", _linear_int8_dynamic), ("linear_o
 @torch.library.register_fake("geb::linear_f32", lib=_LIB)
 def _linear_f32_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.register_fake("geb::linear_q4", lib=_LIB)
+def _linear_q4_fake(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], qs.shape[0])
 
 
 def _build_directory(name: str) -> Path | None:
@@ -112,7 +123,7 @@ def load_gemv() -> bool:
                   flush=True)
     try:
         # -mavx2 -mfma, not -march=native: a build cached in a shared home directory must run on any AVX2 machine.
-        cpp_extension.load("geb_gemv", [str(source)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+        cpp_extension.load("geb_gemv", [str(source)], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], is_python_module=False)
     except (OSError, RuntimeError, ImportError) as e:  # no compiler or ninja, or a failed build
         warnings.warn(f"could not build {source} ({type(e).__name__}: {e}); fp32 decoding falls back to oneDNN or "
@@ -224,6 +235,80 @@ class Int8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
+Q4_BLOCK = 32  # weights per Q4_0 block (one fp16 scale each)
+Q4_PAD = 256  # geb/gemv.cpp reads a row's scales eight blocks at a time: rows padded to a multiple of 256
+Q4_MAX_TILED_ROWS = 1024  # geb/gemv.cpp's kQ4MaxTiledInputs: longer inputs go through fp32 GEMM on dequantized rows
+
+
+def quantize_q4_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of w (N, K) as ggml's Q4_0 in geb/gemv.cpp's layout: (qs uint8 (N, Kp / 2), scales fp16 (N, Kp / 32)),
+    Kp = K rounded up to Q4_PAD with zeros. The values are those of gguf.quants.quantize(w, Q4_0)."""
+    n, k = w.shape
+    kp = -(-k // Q4_PAD) * Q4_PAD
+    blocks = torch.nn.functional.pad(w.detach().float(), (0, kp - k)).reshape(n, kp // Q4_BLOCK, Q4_BLOCK)
+    # ggml's quantize_row_q4_0_ref: d = the block's value of largest magnitude / -8, q = trunc(x / d + 8.5) in 0..15.
+    imax = blocks.abs().argmax(dim=-1, keepdim=True)
+    d = blocks.gather(-1, imax) / -8
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.trunc(blocks * inv + 8.5).clamp_(0, 15).to(torch.uint8).reshape(n, kp // 64, 2, 32)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, kp // 2)  # byte j of a 64-weight chunk: weights j and j + 32
+    return qs.contiguous(), d.squeeze(-1).to(torch.float16).contiguous()
+
+
+def dequantize_q4_0(qs: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The fp32 weight (N, in_features) that quantize_q4_0's output stands for: (q - 8) * d."""
+    n = qs.shape[0]
+    chunks = qs.reshape(n, -1, 1, 32)
+    q = torch.cat([chunks & 0x0F, chunks >> 4], dim=2).reshape(n, -1, Q4_BLOCK).float() - 8
+    return (q * scales.float()[..., None]).reshape(n, -1)[:, :in_features]
+
+
+class Int4Linear(nn.Module):
+    """4-bit linear: Q4_0 weights (geb/gemv.cpp's layout), activations quantized to int8 per block at each call."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if not load_gemv():
+            raise RuntimeError("Int4Linear needs geb/gemv.cpp built: an AVX2 CPU, a C++ compiler and ninja")
+        qs, scales = quantize_q4_0(linear.weight)
+        self.register_buffer("qs", qs)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    @classmethod
+    def empty_like(cls, linear: nn.Linear) -> "Int4Linear":
+        """An Int4Linear of linear's shape with uninitialized weights (on linear's device), to load a state dict."""
+        if not load_gemv():
+            raise RuntimeError("Int4Linear needs geb/gemv.cpp built: an AVX2 CPU, a C++ compiler and ninja")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        kp = -(-linear.in_features // Q4_PAD) * Q4_PAD
+        device = linear.weight.device
+        self.register_buffer("qs", torch.empty(linear.out_features, kp // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(linear.out_features, kp // Q4_BLOCK, dtype=torch.float16,
+                                                   device=device))
+        self.register_buffer("bias", None if linear.bias is None else torch.empty_like(linear.bias))
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.geb.linear_q4(x, self.qs, self.scales, self.in_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, Q4_0 (geb AVX2 kernels)"
+
+
+def quantize_int4(model: nn.Module) -> str:
+    """Quantize every linear layer of model to Q4_0 in place; "q4_0"."""
+    if not load_gemv():
+        raise RuntimeError("--quant int4 needs geb/gemv.cpp built: an AVX2 CPU, a C++ compiler and ninja "
+                           "(pip install ninja)")
+    _replace_linears(model, Int4Linear)
+    return "q4_0"
+
+
 def _replace_linears(module: nn.Module, make) -> int:
     """Replace every nn.Linear under module by make(linear); the number replaced."""
     sites = [(parent, name) for parent in module.modules() for name, child in parent.named_children()
@@ -260,12 +345,14 @@ def pack_fp32(model: nn.Module) -> str:
 
 def convert_for_cpu(model: GEB, quant: str = "none") -> str:
     """Fuse the model's q/k/v and gate/up projections, then convert every linear layer for CPU decoding: "none"
-    keeps fp32 (`pack_fp32`), "int8" quantizes; the weight format used."""
-    if quant not in ("none", "int8"):
-        raise ValueError(f"quant must be 'none' or 'int8', got {quant!r}")
+    keeps fp32 (`pack_fp32`), "int8" and "int4" quantize; the weight format used."""
+    if quant not in QUANTS:
+        raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
     model.fuse_projections()
     if quant == "int8":
         return quantize_int8(model)
+    if quant == "int4":
+        return quantize_int4(model)
     return pack_fp32(model)
 
 

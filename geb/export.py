@@ -1,7 +1,7 @@
 """Export a checkpoint for other runtimes: a Hugging Face Llama directory or a llama.cpp GGUF file.
 
     python -m geb.export hf   --ckpt out/tiny --out out/tiny-hf
-    python -m geb.export gguf --ckpt out/tiny --out out/tiny.gguf [--type f32|f16|q8_0] [--tokenizer PATH]
+    python -m geb.export gguf --ckpt out/tiny --out out/tiny.gguf [--type f32|f16|q8_0|q4_0] [--tokenizer PATH]
 
 --ckpt takes a training run's out dir (its latest readable checkpoint), a checkpoint file or a Hugging Face Llama
 directory; the tokenizer is the checkpoint's tokenizer.model (gguf: or --tokenizer). The older commands

@@ -1,11 +1,25 @@
-// geb::linear_f32: fp32 linear layer for CPU decoding. At batch 1 it is a matrix-vector product bound by how fast the
-// weights stream from memory; this AVX2 kernel streams them faster than oneDNN's and MKL's here (BENCHMARKS.md).
+// geb::linear_f32 and geb::linear_q4: fp32 and 4-bit linear layers for CPU decoding. At batch 1 a linear layer is a
+// matrix-vector product bound by how fast the weights stream from memory; this AVX2 kernel streams them faster than
+// oneDNN's and MKL's here (BENCHMARKS.md).
 // A few input rows (a prompt) go through a small tiled kernel that reads each weight row once for all of them;
 // more than kMaxTiledInputs go to at::linear. The schema and the fake kernel are in geb/cpu_linear.py, which builds
 // this.
+//
+// geb::linear_q4 takes weights quantized as ggml's Q4_0 (blocks of 32, w = (q - 8) * d, q in 0..15, d fp16) in this
+// layout: qs [N, Kp / 2] bytes, each 32 bytes holding 64 weights (byte j: weight j in the low nibble, weight j + 32 in
+// the high one), so one 256-bit load and two masks give two blocks; scales [N, Kp / 32] fp16. Kp is K rounded up to a
+// multiple of 256 (zero padding) so scales go eight at a time. Activations are quantized per call to int8 per block
+// of 32 (as ggml's Q8_0: d = max|x| / 127, round to nearest even). The block dot product multiplies the unsigned
+// nibbles with the signed activations (vpmaddubsw: no sign trick needed) and subtracts 8 * sum(x_q) per block after
+// the loop: w.x = sum_b dw_b dx_b (sum_j q_j xq_j - 8 sum_j xq_j).
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -127,6 +141,179 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const std::
   return y;
 }
 
+constexpr int64_t kQ4Rows = 4;  // weight rows a tile: each activation block loaded serves four of them
+constexpr int kQ4Inputs = 3;  // input rows a prompt tile
+// Longer prompts: rows dequantized to fp32 a chunk at a time and multiplied by at::mm. At 512 tokens that was about
+// level with the integer tiles in a one-matrix timing and slower in a whole-model run, so only prompts past 1024 take
+// it; geb/cpu_linear.py mirrors this as Q4_MAX_TILED_ROWS.
+constexpr int64_t kQ4MaxTiledInputs = 1024;
+constexpr int64_t kQ4ChunkRows = 256;
+
+// Activations quantized per block of 32: xq [M, Kp] int8 (zero past K), dx [M, Kp / 32] scales and
+// c [M, Kp / 32] = 8 * dx * sum(xq) per block, the term that turns unsigned nibbles into q - 8.
+struct QuantizedInput {
+  std::vector<int8_t> xq;
+  std::vector<float> dx, c;
+};
+
+QuantizedInput quantize_input(const float* x, int64_t M, int64_t K, int64_t Kp) {
+  const int64_t nb = Kp / 32;
+  QuantizedInput q{std::vector<int8_t>(M * Kp, 0), std::vector<float>(M * nb, 0.f), std::vector<float>(M * nb, 0.f)};
+  at::parallel_for(0, M * nb, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t mb = begin; mb < end; mb++) {
+      const int64_t m = mb / nb, k0 = (mb % nb) * 32, k1 = std::min(k0 + 32, K);
+      const float* p_x = x + m * K;
+      float amax = 0.f;
+      for (int64_t k = k0; k < k1; k++) amax = std::max(amax, std::fabs(p_x[k]));
+      const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+      int32_t sum = 0;
+      for (int64_t k = k0; k < k1; k++) {
+        const int32_t v = static_cast<int32_t>(std::nearbyint(p_x[k] * id));
+        q.xq[m * Kp + k] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      q.dx[mb] = d;
+      q.c[mb] = 8.f * d * static_cast<float>(sum);
+    }
+  });
+  return q;
+}
+
+// y[m + i, n + r] for r < R, i < I: the Q4 rows n.. of the weight against the quantized inputs m...
+template <int R, int I>
+void q4_tile(const uint8_t* qs, const uint16_t* scales, const QuantizedInput& in, float* y, int64_t n, int64_t m,
+             int64_t N, int64_t Kp) {
+  const int64_t nb = Kp / 32;
+  const __m256i b_mask = _mm256_set1_epi8(0x0F);
+  const __m256i b_ones = _mm256_set1_epi16(1);
+  __m256 b_acc[R][I];
+  for (int r = 0; r < R; r++)
+    for (int i = 0; i < I; i++) b_acc[r][i] = _mm256_setzero_ps();
+  alignas(32) float s[R][I][8];  // dw * dx of the eight blocks in flight
+  for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+    for (int r = 0; r < R; r++) {
+      const __m256 b_dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+          scales + (n + r) * nb + b0)));
+      for (int i = 0; i < I; i++)
+        _mm256_store_ps(s[r][i], _mm256_mul_ps(b_dw, _mm256_loadu_ps(in.dx.data() + (m + i) * nb + b0)));
+    }
+    for (int c = 0; c < 4; c++) {  // four chunks of 64 weights: eight blocks
+      const int64_t b = b0 + 2 * c;
+      for (int r = 0; r < R; r++) {
+        const __m256i b_q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + (n + r) * (Kp / 2) + b * 16));
+        const __m256i b_lo = _mm256_and_si256(b_q, b_mask);  // block b
+        const __m256i b_hi = _mm256_and_si256(_mm256_srli_epi16(b_q, 4), b_mask);  // block b + 1
+        for (int i = 0; i < I; i++) {
+          const int8_t* p_x = in.xq.data() + (m + i) * Kp + b * 32;
+          const __m256i b_x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p_x));
+          const __m256i b_x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p_x + 32));
+          const __m256i b_p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(b_lo, b_x0), b_ones);  // [8] int32
+          const __m256i b_p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(b_hi, b_x1), b_ones);
+          b_acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(b_p0), _mm256_broadcast_ss(&s[r][i][2 * c]), b_acc[r][i]);
+          b_acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(b_p1), _mm256_broadcast_ss(&s[r][i][2 * c + 1]),
+                                        b_acc[r][i]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    const uint16_t* p_s = scales + (n + r) * nb;
+    for (int i = 0; i < I; i++) {
+      // The -8 of every nibble: sum_b dw_b * c_b, eight blocks at a time.
+      const float* p_c = in.c.data() + (m + i) * nb;
+      __m256 b_corr = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; b += 8)
+        b_corr = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p_s + b))),
+                                 _mm256_loadu_ps(p_c + b), b_corr);
+      y[(m + i) * N + n + r] = hsum(b_acc[r][i]) - hsum(b_corr);
+    }
+  }
+}
+
+// All M inputs against the weight rows of groups [begin, end) of kQ4Rows rows (the last group may be short).
+void q4_rows(const uint8_t* qs, const uint16_t* scales, const QuantizedInput& in, float* y, int64_t begin,
+             int64_t end, int64_t M, int64_t N, int64_t Kp) {
+  for (int64_t g = begin; g < end; g++) {
+    const int64_t n = g * kQ4Rows;
+    if (n + kQ4Rows <= N) {
+      int64_t m = 0;
+      for (; m + kQ4Inputs <= M; m += kQ4Inputs) q4_tile<kQ4Rows, kQ4Inputs>(qs, scales, in, y, n, m, N, Kp);
+      for (; m < M; m++) q4_tile<kQ4Rows, 1>(qs, scales, in, y, n, m, N, Kp);
+    } else {
+      for (int64_t r = n; r < N; r++)
+        for (int64_t m = 0; m < M; m++) q4_tile<1, 1>(qs, scales, in, y, r, m, N, Kp);
+    }
+  }
+}
+
+// w [n1 - n0, K] fp32 = rows n0.. of the Q4 weight, (q - 8) * d.
+void q4_dequantize_rows(const uint8_t* qs, const uint16_t* scales, float* w, int64_t n0, int64_t n1, int64_t K,
+                        int64_t Kp) {
+  const int64_t nb = Kp / 32;
+  at::parallel_for(n0, n1, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; n++) {
+      const uint8_t* p_q = qs + n * (Kp / 2);
+      float* p_w = w + (n - n0) * K;
+      for (int64_t b = 0; b < nb && b * 32 < K; b++) {
+        const float d = _cvtsh_ss(scales[n * nb + b]);
+        const uint8_t* p_chunk = p_q + (b / 2) * 32;
+        const int shift = (b % 2) * 4;  // even blocks in the low nibbles of their 64-weight chunk
+        for (int64_t j = 0; j < 32 && b * 32 + j < K; j++)
+          p_w[b * 32 + j] = static_cast<float>(((p_chunk[j] >> shift) & 0x0F) - 8) * d;
+      }
+    }
+  });
+}
+
+at::Tensor linear_q4_gemm(const at::Tensor& x2, const uint8_t* qs, const uint16_t* scales, int64_t N, int64_t K,
+                          int64_t Kp) {
+  at::Tensor y = at::empty({x2.size(0), N}, x2.options());
+  at::Tensor w = at::empty({std::min(kQ4ChunkRows, N), K}, x2.options());
+  for (int64_t n0 = 0; n0 < N; n0 += kQ4ChunkRows) {
+    const int64_t n1 = std::min(n0 + kQ4ChunkRows, N);
+    q4_dequantize_rows(qs, scales, w.data_ptr<float>(), n0, n1, K, Kp);
+    y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, w.narrow(0, 0, n1 - n0).t()));
+  }
+  return y;
+}
+
+at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, int64_t in_features) {
+  TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.size(1) % 128 == 0,
+              "geb::linear_q4: qs must be a contiguous 2-D uint8 tensor of [N, Kp / 2] with Kp % 256 == 0, got ",
+              qs.sizes(), ", ", qs.scalar_type());
+  const int64_t N = qs.size(0), Kp = qs.size(1) * 2, K = in_features;
+  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  scales.size(0) == N && scales.size(1) == Kp / 32,
+              "geb::linear_q4: scales must be a contiguous float16 tensor of [", N, ", ", Kp / 32, "], got ",
+              scales.sizes(), ", ", scales.scalar_type());
+  TORCH_CHECK(K > Kp - 256 && K <= Kp, "geb::linear_q4: in_features ", K, " does not fit qs of ", Kp, " columns");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "geb::linear_q4: x's last dimension must be ", K, ", got ", x.sizes());
+  TORCH_CHECK(!(at::GradMode::is_enabled() && x.requires_grad()),
+              "geb::linear_q4 is for inference and has no backward: call it under torch.no_grad()");
+  const at::Tensor x_c = x.to(at::kFloat).contiguous();
+  const int64_t M = x_c.numel() / K;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y = at::empty(out_shape, x_c.options());
+  if (M == 0 || N == 0) return y.to(x.scalar_type());
+  if (M > kQ4MaxTiledInputs) {
+    const at::Tensor y2 = linear_q4_gemm(x_c.reshape({M, K}), qs.data_ptr<uint8_t>(),
+                                         reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), N, K, Kp);
+    return y2.reshape(out_shape).to(x.scalar_type());
+  }
+  const QuantizedInput in = quantize_input(x_c.data_ptr<float>(), M, K, Kp);
+  const uint8_t* p_qs = qs.data_ptr<uint8_t>();
+  const uint16_t* p_s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  float* p_y = y.data_ptr<float>();
+  at::parallel_for(0, (N + kQ4Rows - 1) / kQ4Rows, M > 1 ? 1 : 16, [&](int64_t begin, int64_t end) {
+    q4_rows(p_qs, p_s, in, p_y, begin, end, M, N, Kp);
+  });
+  return y.to(x.scalar_type());
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(geb, CPU, m) { m.impl("linear_f32", &linear_f32); }
+TORCH_LIBRARY_IMPL(geb, CPU, m) {
+  m.impl("linear_f32", &linear_f32);
+  m.impl("linear_q4", &linear_q4);
+}

@@ -92,11 +92,13 @@ class Decoder:
         return self.model(idx, input_pos=input_pos, logits="last")[0]
 
     @torch.no_grad()
-    def warmup(self) -> float:
-        """Run (and for --compile, compile) the decode step once; seconds spent. The cache content is irrelevant."""
+    def warmup(self, start: int = 0) -> float:
+        """Run (and for --compile, compile) the decode step on positions start and start + 1 (those below the cache's
+        length); seconds spent. It writes the cache there: after a prefill, start at the first position not yet
+        written (a later step writes each position before it reads it)."""
         t0 = time.perf_counter()
         token = torch.zeros(1, 1, dtype=torch.long)
-        for pos in (0, 1):  # a second call checks that a new position value does not recompile
+        for pos in range(start, min(start + 2, self.max_seq_len)):  # the second call checks no recompile
             self._step(token, torch.tensor([pos]))
         self.compiled_once = True
         return time.perf_counter() - t0
@@ -110,8 +112,6 @@ class Decoder:
         if not prompt:
             raise ValueError("prompt must hold at least one token (e.g. BOS)")
         stats = stats if stats is not None else GenerationStats()
-        if not self.compiled_once:
-            stats.compile_s = self.warmup()
         prompt = fit_prompt(list(prompt), self.max_seq_len, max_new_tokens)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         stats.prompt_tokens = len(prompt)
@@ -135,6 +135,8 @@ class Decoder:
             if pos >= self.max_seq_len:
                 stats.stop_reason = "context"
                 break
+            if not self.compiled_once:  # compile after the first token is out: it comes from the eager prefill
+                stats.compile_s = self.warmup(start=max(pos, self.max_seq_len - 2))
             t0 = time.perf_counter()
             logits = self._step(torch.tensor([[token]]), torch.tensor([pos]))
             stats.decode_s += time.perf_counter() - t0

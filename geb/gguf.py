@@ -1,6 +1,6 @@
-"""GGUF export (llama.cpp's format): Llama layout, SentencePiece vocabulary, f32 / f16 / q8_0 weights.
+"""GGUF export (llama.cpp's format): Llama layout, SentencePiece vocabulary, f32 / f16 / q8_0 / q4_0 weights.
 
-    python -m geb.export gguf --ckpt out/tiny --out out/tiny.gguf [--type f32|f16|q8_0] [--tokenizer PATH]
+    python -m geb.export gguf --ckpt out/tiny --out out/tiny.gguf [--type f32|f16|q8_0|q4_0] [--tokenizer PATH]
 
 (`python -m geb.gguf export` with the same flags runs the same command under its older name.)
 
@@ -8,6 +8,10 @@ geb's rotary embedding is the rotate-half one of Hugging Face Llama; llama.cpp's
 interleaved pairs (the original Meta layout). Like llama.cpp's convert_hf_to_gguf.py (LlamaModel.permute), the
 rows of every q/k projection are permuted per head so that interleaved rotation of the permuted weights equals
 rotate-half rotation of the originals.
+
+q4_0 holds exactly the weights `infer_cpu.py --quant int4` decodes with (both are ggml's reference Q4_0 rounding;
+permuting rows does not change a row's blocks). The token embedding is Q4_0 in the file too, as llama.cpp's own
+Q4_0 files have it; geb keeps it fp32 (a lookup reads one row per token).
 """
 
 import os
@@ -23,9 +27,10 @@ from geb.config import ModelConfig
 from geb.files import atomic_path
 from geb.model import GEB
 
-TYPES = ("f32", "f16", "q8_0")
+TYPES = ("f32", "f16", "q8_0", "q4_0")
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+BLOCK_TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
 
 
 def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -122,8 +127,11 @@ def add_tensors(w: gguf.GGUFWriter, tensors: dict[str, torch.Tensor], qtype: str
         elif qtype == "f16":
             w.add_tensor(key, arr.astype(np.float16))
         else:
-            data = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(key, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            if arr.shape[-1] % 32:
+                raise ValueError(f"--type {qtype}: {key} has {arr.shape[-1]} columns, not a multiple of 32 (the "
+                                 "block size); use --type f16 or f32")
+            data = gguf.quants.quantize(arr, BLOCK_TYPES[qtype])
+            w.add_tensor(key, data, raw_shape=data.shape, raw_dtype=BLOCK_TYPES[qtype])
 
 
 def export_gguf(model: GEB, tokenizer_path: str | os.PathLike, out: str | os.PathLike, qtype: str = "f32",

@@ -6,10 +6,21 @@ import os
 import shutil
 import time
 
+import gguf
 import pytest
 import torch
 
-from geb.cpu_linear import F32Linear, _clear_stale_build_lock, convert_for_cpu, load_gemv, quantize_int8
+from geb.cpu_linear import (
+    Q4_MAX_TILED_ROWS,
+    F32Linear,
+    Int4Linear,
+    _clear_stale_build_lock,
+    convert_for_cpu,
+    dequantize_q4_0,
+    load_gemv,
+    quantize_int8,
+    quantize_q4_0,
+)
 from geb.generate import Decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,8 +53,8 @@ def test_int8_logits_close_to_fp32(tiny_model, tokenizer, method):
 def test_unknown_formats_are_refused(tiny_model):
     with pytest.raises(ValueError, match="quantization method must be one of .* got 'ao'"):
         quantize_int8(tiny_model, "ao")
-    with pytest.raises(ValueError, match="quant must be 'none' or 'int8', got 'int4'"):
-        convert_for_cpu(tiny_model, "int4")
+    with pytest.raises(ValueError, match=r"quant must be one of \('none', 'int8', 'int4'\), got 'int3'"):
+        convert_for_cpu(tiny_model, "int3")
 
 
 @pytest.mark.parametrize("weights", ["plain", "onednn", "gemv"])
@@ -144,3 +155,90 @@ def test_stale_build_lock_is_removed(tmp_path):
         _clear_stale_build_lock(tmp_path)
     assert not lock.exists()
     _clear_stale_build_lock(tmp_path)  # no lock: nothing to do
+
+
+def _needs_gemv() -> None:
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or shutil.which("c++") is None:
+        pytest.skip("geb's kernel needs an AVX2 CPU and a C++ compiler")
+    assert load_gemv(), "geb/gemv.cpp failed to build (see the warning)"
+
+
+@pytest.mark.parametrize("shape", [(1, 32), (5, 96), (7, 288), (64, 2048)])
+def test_q4_0_is_ggml_q4_0(shape):
+    """geb's Q4_0 weights dequantize to exactly what gguf's reference Q4_0 (ggml's quantize_row_q4_0_ref) gives."""
+    w = torch.randn(*shape) * torch.rand(shape[0], 1) * 3
+    w[0, :7] = 0  # an all-zero start (a zero block when K is 32)
+    q = gguf.GGMLQuantizationType.Q4_0
+    want = gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), q), q)
+    qs, scales = quantize_q4_0(w)
+    assert qs.dtype == torch.uint8 and scales.dtype == torch.float16 and qs.shape[1] % 128 == 0
+    assert torch.equal(dequantize_q4_0(qs, scales, shape[1]), torch.from_numpy(want))
+
+
+def _q8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernel sees it: int8 per block of 32 (ggml's Q8_0 rule, round half to even), dequantized, fp64."""
+    k = x.shape[-1]
+    kp = -(-k // 32) * 32
+    b = torch.nn.functional.pad(x, (0, kp - k)).reshape(*x.shape[:-1], kp // 32, 32)
+    d = b.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    return (torch.round(b * inv).double() * d.double()).reshape(*x.shape[:-1], kp)[..., :k]
+
+
+def _check_linear_q4(n: int, k: int, m: int) -> None:
+    w = torch.randn(n, k) * (0.5 + torch.rand(n, 1))
+    x = torch.randn(m, k) * (0.5 + torch.rand(m, 1))
+    qs, scales = quantize_q4_0(w)
+    wd = dequantize_q4_0(qs, scales, k).double()
+    with torch.no_grad():
+        y = torch.ops.geb.linear_q4(x, qs, scales, k)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    # Up to Q4_MAX_TILED_ROWS inputs the kernel quantizes them to int8 blocks; beyond, fp32 GEMM on dequantized rows.
+    xq = _q8_blocks(x) if m <= Q4_MAX_TILED_ROWS else x.double()
+    ref = xq @ wd.t()
+    # Integer block sums are exact: what is left is fp32 rounding of the scales' products and the sums.
+    bound = 1e-5 * (xq.abs() @ wd.abs().t()) + 1e-6
+    assert ((y.double() - ref).abs() <= bound).all(), ((y.double() - ref).abs() / bound).max().item()
+    # Against the unquantized activations: int8 per block of 32 loses little.
+    cos = torch.nn.functional.cosine_similarity(y.double(), x.double() @ wd.t(), dim=-1)
+    assert cos.min() > 0.999, cos.min().item()
+
+
+def test_q4_kernel_against_fp64():
+    """geb/gemv.cpp's Q4_0 kernel against fp64 of the same block-dequantized weights and int8 activation blocks:
+    one token and prompt tiles (input counts not a multiple of its 3), row counts not a multiple of 4, lengths not a
+    multiple of 32 or 256, an LM-head-like matrix of many rows; and long prompts (fp32 GEMM on dequantized rows, in
+    chunks of 256 rows) against fp64 of the unquantized activations."""
+    _needs_gemv()
+    torch.manual_seed(5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n, k in [(1, 32), (3, 47), (4, 256), (7, 96), (13, 300), (130, 2048), (515, 704), (4099, 96)]:
+            for m in (1, 2, 3, 5, 17):
+                _check_linear_q4(n, k, m)
+        for n, k in [(3, 47), (515, 300)]:
+            _check_linear_q4(n, k, Q4_MAX_TILED_ROWS + 1)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="last dimension must be 96"):
+        torch.ops.geb.linear_q4(torch.randn(1, 95), *quantize_q4_0(torch.randn(4, 96)), 96)
+    with pytest.raises(RuntimeError, match="no backward"):
+        torch.ops.geb.linear_q4(torch.randn(1, 96, requires_grad=True), *quantize_q4_0(torch.randn(4, 96)), 96)
+
+
+def test_int4_logits_close_to_fp32(tiny_model, tokenizer):
+    """--quant int4 on the trained tiny model: every linear (LM head included) in Q4_0, logits close to fp32."""
+    _needs_gemv()
+    idx = torch.tensor([tokenizer.encode(INT8_TEXT)[:48]])
+    with torch.no_grad():
+        ref, _ = tiny_model(idx)
+        q = copy.deepcopy(tiny_model)
+        assert convert_for_cpu(q, "int4") == "q4_0"
+        got, _ = q(idx)
+    assert not any(isinstance(m, torch.nn.Linear) for m in q.modules()), "every linear, LM head included"
+    assert isinstance(q.lm_head, Int4Linear)
+    cos = torch.nn.functional.cosine_similarity(got[0], ref[0], dim=-1)
+    assert cos.min().item() >= 0.98, cos.min().item()
+    tokens = idx[0].tolist()
+    assert len(list(Decoder(q).generate(tokens, 5, temperature=0.0))) == 5

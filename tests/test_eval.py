@@ -75,17 +75,19 @@ def test_cli_run_dir(tiny_run, tmp_path, capsys):
 
 
 def test_cli_quant_int8_scores_the_int8_weights(tiny_run, tmp_path):
-    """--quant int8 evaluates the weights infer_cpu.py --quant int8 decodes with: close to, not equal to, fp32; its
+    """--quant int8 / int4 evaluate the weights infer_cpu.py --quant decodes with: close to, not equal to, fp32; their
     TensorBoard scalars go beside the model's own."""
     text = tmp_path / "t.txt"
     text.write_text("the sun and the rain on the road. " * 10)
     res = {quant: eval_json(["--ckpt", tiny_run.run_dir, "--text", text, "--quant", quant], tmp_path / f"{quant}.json")
-           for quant in ("none", "int8")}
+           for quant in ("none", "int8", "int4")}
     assert res["int8"]["quant"] == "int8" and res["none"]["quant"] == "none"
     fp32, int8 = res["none"]["bpb_text"]["bpb"], res["int8"]["bpb_text"]["bpb"]
     assert fp32 != int8 and abs(int8 - fp32) <= 0.02 * fp32, (fp32, int8)
     assert set(tensorboard_scalars(res["int8"])) == {"eval_int8/bpb_text/bpb", "eval_int8/bpb_text/loss"}
     assert set(tensorboard_scalars(res["none"])) == {"eval/bpb_text/bpb", "eval/bpb_text/loss"}
+    int4 = res["int4"]["bpb_text"]["bpb"]
+    assert res["int4"]["quant"] == "int4" and int4 != fp32 and abs(int4 - fp32) <= 0.05 * fp32, (fp32, int4)
     with pytest.raises(SystemExit, match="error: --quant int8 runs on the CPU, not --device cuda"):
         main(["--ckpt", str(tiny_run.run_dir), "--text", str(text), "--quant", "int8", "--device", "cuda"])
 

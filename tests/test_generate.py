@@ -110,11 +110,12 @@ def test_stream_decoder_equals_one_shot_on_a_sampled_continuation(tiny_model, to
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights", ["plain", "gemv", "fbgemm"])
+@pytest.mark.parametrize("weights", ["plain", "gemv", "fbgemm", "q4_0"])
 def test_compiled_equals_eager_without_recompiles(weights):
     torch.manual_seed(9)
     model = GEB(small_config(), impl="torch").eval()
-    if weights != "plain" and convert_for_cpu(model, "int8" if weights == "fbgemm" else "none") != weights:
+    quant = {"fbgemm": "int8", "q4_0": "int4"}.get(weights, "none")
+    if weights != "plain" and convert_for_cpu(model, quant) != weights:
         pytest.skip(f"this torch build has no {weights} weights")
     prompt = torch.randint(0, 97, (6,)).tolist()
     eager = list(Decoder(model).generate(prompt, 24, temperature=0.0))
@@ -124,3 +125,8 @@ def test_compiled_equals_eager_without_recompiles(weights):
         assert compiled.warmup() > 0
         out = list(compiled.generate(prompt, 24, temperature=0.0))
     assert out == eager
+    if weights == "q4_0":  # without a warmup the step compiles after the first token, on positions past the prompt
+        torch._dynamo.reset()
+        stats = GenerationStats()
+        lazy = Decoder(model, max_seq_len=len(prompt) + 3, compile=True)
+        assert list(lazy.generate(prompt, 3, temperature=0.0, stats=stats)) == eager[:3] and stats.compile_s > 0

@@ -11,8 +11,9 @@ import sentencepiece as spm
 import torch
 
 from geb.config import ModelConfig
+from geb.cpu_linear import convert_for_cpu, dequantize_q4_0, load_gemv
 from geb.generate import Decoder
-from geb.gguf import export_gguf
+from geb.gguf import export_gguf, permute_rotary
 from geb.model import GEB
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,6 +130,40 @@ def test_quantized_export_is_close(tmp_path, tokenizer_file, qtype):
     assert cos.min() > 0.999
 
 
+def test_q4_0_export_holds_the_int4_weights(tmp_path, tokenizer_file):
+    """--type q4_0: Q4_0 linear weights (norms f32) equal, value for value, the weights infer_cpu.py --quant int4
+    decodes with (geb's fused q/k/v and gate/up, q/k rows permuted as the export does)."""
+    if not load_gemv():
+        pytest.skip("--quant int4 needs geb/gemv.cpp built (AVX2, a C++ compiler)")
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
+    model = random_model(sp.get_piece_size())
+    path = export_gguf(model, tokenizer_file, tmp_path / "m.gguf", "q4_0")
+    t, meta = read(path)
+    kinds = {tt.name: tt.tensor_type for tt in gguf.GGUFReader(path).tensors}
+    assert field(meta, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q4_0
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    assert {k for k, v in kinds.items() if v == q4} == {k for k in kinds if not k.endswith("norm.weight")}
+    assert all(kinds[k] == gguf.GGMLQuantizationType.F32 for k in kinds if k.endswith("norm.weight"))
+    c = model.config
+    convert_for_cpu(model, "int4")
+
+    def weight(linear) -> torch.Tensor:
+        return dequantize_q4_0(linear.qs, linear.scales, linear.in_features)
+
+    for i, layer in enumerate(model.layers):
+        kv_dim = c.n_kv_heads * c.head_dim
+        q, k, v = weight(layer.self_attn.qkv_proj).split([c.d_model, kv_dim, kv_dim])
+        gate, up = weight(layer.mlp.gate_up_proj).chunk(2)
+        ours = {"attn_q": permute_rotary(q, c.n_heads), "attn_k": permute_rotary(k, c.n_kv_heads), "attn_v": v,
+                "attn_output": weight(layer.self_attn.o_proj), "ffn_gate": gate, "ffn_up": up,
+                "ffn_down": weight(layer.mlp.down_proj)}
+        for name, w in ours.items():
+            assert np.array_equal(t[f"blk.{i}.{name}.weight"], w.numpy()), name
+    assert np.array_equal(t["output.weight"], weight(model.lm_head).numpy())
+    emb = model.embed_tokens.weight.detach().numpy()
+    assert np.array_equal(t["token_embd.weight"], gguf.quants.dequantize(gguf.quants.quantize(emb, q4), q4))
+
+
 def test_export_is_atomic_and_refuses_bad_input(tmp_path, tokenizer_file, monkeypatch):
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
     out = export_gguf(random_model(sp.get_piece_size()), tokenizer_file, tmp_path / "m.gguf", "f16")
@@ -136,8 +171,12 @@ def test_export_is_atomic_and_refuses_bad_input(tmp_path, tokenizer_file, monkey
     too_small = random_model(sp.get_piece_size() - 1)  # a vocabulary the tokenizer's pieces do not fit in
     with pytest.raises(ValueError, match=f"{sp.get_piece_size()} pieces but the model's vocabulary is"):
         export_gguf(too_small, tokenizer_file, out, "f16")
-    with pytest.raises(ValueError, match=r"--type must be one of \('f32', 'f16', 'q8_0'\), got 'q4_0'"):
-        export_gguf(too_small, tokenizer_file, out, "q4_0")
+    with pytest.raises(ValueError, match=r"--type must be one of \('f32', 'f16', 'q8_0', 'q4_0'\), got 'q4_1'"):
+        export_gguf(too_small, tokenizer_file, out, "q4_1")
+    narrow = GEB(ModelConfig(vocab_size=sp.get_piece_size(), d_model=48, n_layers=1, n_heads=2, n_kv_heads=1,
+                             ffn_dim=64), impl="torch")
+    with pytest.raises(ValueError, match="--type q4_0: token_embd.weight has 48 columns, not a multiple of 32"):
+        export_gguf(narrow, tokenizer_file, out, "q4_0")
     post_norm = GEB(ModelConfig(vocab_size=sp.get_piece_size(), d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
                                 ffn_dim=64, norm_position="post"), impl="torch")
     with pytest.raises(ValueError, match="norm_position='post' has no llama.cpp equivalent"):

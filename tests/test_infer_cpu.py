@@ -22,7 +22,13 @@ from geb.tokenizer import EOS_ID
 ROOT = Path(__file__).resolve().parent.parent
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """infer_cpu.py caches converted weights in geb's cache dir: a test's go to its own."""
+    monkeypatch.setenv("GEB_CACHE", str(tmp_path / "geb-cache"))
 
 
 def make_run(run_dir: Path, tokenizer_file: Path, max_seq_len: int = 128, copy_tokenizer: bool = True,
@@ -104,15 +110,16 @@ def test_missing_or_mismatched_tokenizer(tmp_path, tokenizer_file, capsys):
     assert code != 0 and "does not match" in err and len(err.strip().splitlines()) == 1
 
 
-def test_bench_json_line(capsys):
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_bench_json_line(capsys, quant):
     code, out, err = run_main(["--bench", "--preset", "tiny", "--max-new-tokens", "8", "--threads", "1",
-                               "--quant", "int8"], capsys)
+                               "--quant", quant], capsys)
     assert code == 0, err
     row = json.loads(out.strip())
     for key in ("preset", "quant", "compile", "threads", "prefill_tokens_per_s", "decode_tokens_per_s",
                 "peak_rss_mb", "load_s", "compile_s"):
         assert key in row
-    assert row["preset"] == "tiny" and row["quant"] == "int8" and row["new_tokens"] == 8
+    assert row["preset"] == "tiny" and row["quant"] == quant and row["new_tokens"] == 8
     assert row["decode_tokens_per_s"] > 0
 
 
@@ -132,3 +139,16 @@ def test_ctrl_c_flushes_and_exits_zero(tmp_path, tokenizer_file):
     assert proc.returncode == 0, err.decode()
     assert first and "stop: interrupted" in err.decode()
     assert "Traceback" not in err.decode()
+
+
+def test_warm_start_maps_the_cached_int4_weights(tiny_run, tmp_path):
+    """Two fresh processes on one checkpoint: the first converts and caches, the second starts from the cache (the
+    kernel built and loaded there too) and prints the same greedy continuation."""
+    cmd = [sys.executable, str(ROOT / "infer_cpu.py"), "--ckpt", str(tiny_run.run_dir), "--prompt", "Thunder and",
+           "--greedy", "--max-new-tokens", "12", "--threads", "1", "--quant", "int4"]
+    env = {**os.environ, "GEB_CACHE": str(tmp_path / "cache")}
+    runs = [subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
+    assert "(converted, cached)" in runs[0].stderr and "(cache)" in runs[1].stderr, runs[1].stderr
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.strip()
+    assert "first token" in runs[1].stderr
