@@ -78,7 +78,8 @@ def _ce_chunk_triton(logits: torch.Tensor, targets: torch.Tensor, scale: torch.T
     block_v = min(triton.next_power_of_2(n_cols), 16384 if INTERPRET else 4096)
     _ce_kernel[(n_rows,)](
         logits, targets, scale, loss,
-        logits.stride(0), scale.stride(0), n_cols, ignore_index, softcap,
+        # One scale for every row (stride 0), or one per row.
+        logits.stride(0), 0 if scale.numel() == 1 else scale.stride(0), n_cols, ignore_index, softcap,
         WITH_GRAD=with_grad, HAS_SOFTCAP=softcap > 0, BLOCK_V=block_v, num_warps=8,
     )
 
@@ -102,9 +103,15 @@ def _ce_chunk_torch(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Te
         logits.copy_(g)
 
 
+# Fewer rows than this make matrix-vector products, slower and (on CPU) summed less accurately over the vocabulary;
+# a GPU's tensor-core tiles want 16 rows too.
+MIN_CHUNK = 16
+
+
 def chunk_tokens(n_tokens: int, d: int, vocab: int) -> int:
     """Tokens per chunk: a chunk's logits about the size of all the hidden states (x), a power of two."""
-    return min(triton.next_power_of_2(max(1, n_tokens)), triton.next_power_of_2(triton.cdiv(n_tokens * d, vocab)))
+    by_size = max(MIN_CHUNK, triton.next_power_of_2(triton.cdiv(n_tokens * d, vocab)))
+    return min(triton.next_power_of_2(max(1, n_tokens)), by_size)
 
 
 def _chunked(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, ignore_index: int,
