@@ -125,7 +125,8 @@ def _chunked(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, scale: tor
     ce_chunk = _ce_chunk_triton if use_triton else _ce_chunk_torch
     loss = empty_output((n,), torch.float32, x.device)
     dx = empty_output((n, d), x.dtype, x.device) if with_grad else x.new_empty(0)
-    dw = torch.zeros(w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
+    dw_dtype = torch.promote_types(w.dtype, torch.float32)
+    dw = torch.zeros(w.shape, dtype=dw_dtype, device=w.device) if with_grad else None
     per_row = scale.numel() > 1
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
@@ -139,7 +140,7 @@ def _chunked(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, scale: tor
                 dw.addmm_(logits.t(), x_c)
             else:  # the chunk's product in the inputs' dtype, the running sum over chunks in fp32
                 dw.add_(logits.t() @ x_c)
-    return loss, dx, (dw.to(w.dtype) if with_grad else w.new_empty(0))
+    return loss, dx, (w.new_empty(0) if dw is None else dw.to(w.dtype))
 
 
 def _mean_scale(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:

@@ -132,10 +132,9 @@ def test_compile_traces_through_it():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_geb_vocab_more_tokens_slow(reduction):
+def test_geb_vocab_more_tokens_slow():
     x, w, t = _inputs((3, 41), 64, 64896, torch.float32)  # several chunks of 16 tokens
-    _check("triton", reduction, x, w, t, softcap=30.0)
+    _check("triton", "none", x, w, t, softcap=30.0)
 
 
 @pytest.mark.gpu
