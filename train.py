@@ -2,6 +2,7 @@
 `torchrun --nproc_per_node=8 train.py` (GPU, NCCL). Flags: `python train.py --help`."""
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -19,18 +20,28 @@ from typing import TextIO
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint.state_dict as dcp_state
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 
 from geb.bpb import bits_per_byte
-from geb.checkpoint import TOKENIZER_FILE, CheckpointError, load_latest, save_checkpoint
+from geb.checkpoint import (
+    TOKENIZER_FILE,
+    CheckpointError,
+    load_latest,
+    load_sharded_tensors,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from geb.config import PRESETS, ModelConfig, preset
 from geb.corpus import DataError
 from geb.data import prepare
 from geb.files import atomic_copy, atomic_write_json, atomic_write_text
 from geb.loader import TokenLoader, read_manifest
 from geb.model import GEB
+from geb.parallelize import AC_MODES, parallelize
 from geb.tasks import run_tasks
 from geb.tokenizer import Tokenizer
 
@@ -63,6 +74,8 @@ class TrainConfig:
     resume: bool = True  # continue from the newest checkpoint in --out when there is one
     compile: bool = False
     zero: bool = False  # shard AdamW state across ranks (ZeroRedundancyOptimizer)
+    fsdp: bool = False  # shard parameters, gradients and AdamW state across ranks (FSDP2); sharded checkpoints
+    ac: str = "none"  # activation checkpointing: none, full (every block) or selective (every 2nd block)
     # GEB's loss-spike countermeasures
     spike_factor: float = 3.0  # replace a micro-batch whose loss > factor x running mean (0 = off)
     max_replacements: int = 4  # per micro-step
@@ -131,6 +144,11 @@ class Run:
     def out(self) -> Path:
         return Path(self.cfg.out)
 
+    @property
+    def fsdp(self) -> bool:
+        """Whether the model is sharded with FSDP2 (--fsdp on more than one rank)."""
+        return self.cfg.fsdp and self.world_size > 1
+
 
 def parse_bool(text: str) -> bool:
     """A boolean flag value: 1/true/yes/on or 0/false/no/off."""
@@ -175,6 +193,10 @@ def check_flags(cfg: TrainConfig) -> None:
     for name in ("max_steps", "batch_size", "grad_accum", "save_every", "eval_every", "log_every"):
         if getattr(cfg, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.fsdp and cfg.zero:
+        fail("--fsdp and --zero are exclusive: --fsdp already shards the optimizer state (and the weights); pick one")
+    if cfg.ac not in AC_MODES:
+        fail(f"--ac {cfg.ac!r} is unknown; choose one of {', '.join(AC_MODES)}")
 
 
 def setup_distributed() -> tuple[int, int, int, torch.device]:
@@ -190,9 +212,22 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=elastic_store(world_size),
+                                rank=rank, world_size=world_size, device_id=device if device.type == "cuda" else None)
     return rank, local_rank, world_size, device
+
+
+def elastic_store(world_size: int) -> dist.Store | None:
+    """Under torchrun, the agent's store with a prefix per restart round (None elsewhere: init from env://).
+
+    torchrun's agent keeps one TCPStore for the whole job, and env:// hands it to the workers without a per-round
+    prefix, so after a restart the previous round's keys are still there: a restarted Gloo rank may read a dead
+    peer's address under the same key and fail at once (`connectFullMesh ... Connection refused`, PyTorch 2.13).
+    Keying the process group by TORCHELASTIC_RESTART_COUNT gives each round fresh keys; see docs/training.md."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
+    return dist.PrefixStore(f"geb/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def ensure_data(cfg: TrainConfig, rank: int, world_size: int) -> dict:
@@ -227,7 +262,7 @@ def model_config_from_flags(cfg: TrainConfig, manifest: dict, overrides: dict) -
 
 def read_resume_state(cfg: TrainConfig, manifest: dict, master: bool) -> dict | None:
     """The newest checkpoint in --out (None for a fresh run or --resume false), checked against the data."""
-    latest = load_latest(cfg.out) if cfg.resume else None
+    latest = load_latest(cfg.out, weights=False) if cfg.resume else None
     if latest is None:
         return None
     path, state = latest
@@ -237,8 +272,12 @@ def read_resume_state(cfg: TrainConfig, manifest: dict, master: bool) -> dict | 
     if vocab_size != manifest["vocab_size"]:
         fail(f"{path}: model vocab {vocab_size} != {cfg.data} vocab {manifest['vocab_size']}; use the data it was "
              "trained on or a new --out")
+    if cfg.fsdp and "model" in state:
+        fail(f"{path}: a single-file checkpoint cannot resume under --fsdp; resume it without --fsdp or pass a new "
+             "--out")
     if master:
         print(f"resuming from {path} (step {state['step']})", flush=True)
+    state["path"] = str(path)
     return state
 
 
@@ -263,12 +302,23 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, world_size: int = 
 
 def wrap_model(model: GEB, cfg: TrainConfig, world_size: int, local_rank: int, device: torch.device
                ) -> torch.nn.Module:
-    """What the step calls: the model, compiled with --compile, in DDP across ranks."""
+    """What the step calls: under --fsdp the model itself (parallelize made it FSDP); else the model, compiled with
+    --compile, in DDP across ranks."""
+    if cfg.fsdp and world_size > 1:
+        return model
     if cfg.compile:
         model = torch.compile(model)
     if world_size > 1:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     return model
+
+
+def grad_sync(run: Run, sync: bool) -> AbstractContextManager:
+    """All-reduce (DDP) or reduce-scatter (FSDP) the gradients in this backward only when sync is true."""
+    if run.fsdp:
+        run.model.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return nullcontext() if sync or run.world_size == 1 else run.model.no_sync()
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -315,7 +365,7 @@ def micro_step(run: Run, micro: int, poison_first: bool = False) -> tuple[float,
             if run.master:
                 print(f"first batch differs across ranks: {distinct}", flush=True)
         inputs, targets = inputs.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
-        with (nullcontext() if sync else run.model.no_sync()), autocast(run.device):
+        with grad_sync(run, sync), autocast(run.device):
             _, loss = run.model(inputs, targets, logits="none")
             if poison_first and attempt == 0:
                 loss = loss * float("nan")
@@ -326,7 +376,7 @@ def micro_step(run: Run, micro: int, poison_first: bool = False) -> tuple[float,
             break
         replaced += 1
         print(f"step {state.step} rank {run.rank}: micro-batch loss {value:.3g} replaced by the next batch", flush=True)
-    with nullcontext() if sync else run.model.no_sync():
+    with grad_sync(run, sync):
         (loss / cfg.grad_accum).backward()
     return value, replaced
 
@@ -347,7 +397,8 @@ def train_step(run: Run) -> dict:
         value, n = micro_step(run, micro, poison_first=poison and micro == 0)
         loss_sum += value / cfg.grad_accum
         replaced += n
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip)
+    grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
     if cfg.skip_nonfinite and not math.isfinite(grad_norm):
         state.counters["steps_skipped"] += 1
         if run.master:
@@ -367,7 +418,8 @@ def train_step(run: Run) -> dict:
 
 
 def save(run: Run) -> None:
-    """Checkpoint the run at its step: rank 0 writes it, with every rank's RNG state (call it on every rank)."""
+    """Checkpoint the run at its step, with every rank's RNG state (call it on every rank): rank 0 writes one file,
+    or, under --fsdp, every rank writes its shards of a checkpoint directory."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
     if run.world_size > 1:
@@ -377,13 +429,18 @@ def save(run: Run) -> None:
             run.optimizer.consolidate_state_dict(to=0)
     else:
         gathered_rng = [rng]
-    if run.master:
-        state = {"model": run.raw_model.state_dict(), "model_config": run.raw_model.config.to_dict(),
-                 "optimizer": run.optimizer.state_dict(), "step": run.state.step, "loss_ema": run.state.loss_ema,
-                 "counters": run.state.counters, "loader": run.loader.state_dict(), "rng": gathered_rng,
-                 "train_config": asdict(run.cfg), "tokenizer_sha256": run.tokenizer_sha,
-                 "data_dir": str(Path(run.cfg.data).resolve())}
+    state = {"model_config": run.raw_model.config.to_dict(), "step": run.state.step, "loss_ema": run.state.loss_ema,
+             "counters": run.state.counters, "loader": run.loader.state_dict(), "rng": gathered_rng,
+             "train_config": asdict(run.cfg), "tokenizer_sha256": run.tokenizer_sha,
+             "data_dir": str(Path(run.cfg.data).resolve())}
+    if run.cfg.fsdp:
+        model_state, optimizer_state = dcp_state.get_state_dict(run.raw_model, run.optimizer)
+        path = save_sharded_checkpoint(run.out, run.state.step, {"model": model_state, "optimizer": optimizer_state},
+                                       state if run.master else None, keep=run.cfg.keep_checkpoints)
+    elif run.master:
+        state.update(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict())
         path = save_checkpoint(run.out, run.state.step, state, keep=run.cfg.keep_checkpoints)
+    if run.master:
         print(f"saved {path}", flush=True)
     if run.world_size > 1:
         dist.barrier()
@@ -391,8 +448,15 @@ def save(run: Run) -> None:
 
 def restore(run: Run, state: dict) -> None:
     """Continue from a checkpoint: weights, optimizer, progress, data position and (same world size) RNG streams."""
-    run.raw_model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    if "model" in state:
+        run.raw_model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+    else:  # sharded: each rank reads its shards of the model and optimizer, whatever world size wrote them
+        model_state, optimizer_state = dcp_state.get_state_dict(run.raw_model, run.optimizer)
+        tensors = {"model": model_state, "optimizer": optimizer_state}
+        load_sharded_tensors(state["path"], tensors)
+        dcp_state.set_state_dict(run.raw_model, run.optimizer, model_state_dict=tensors["model"],
+                                 optim_state_dict=tensors["optimizer"])
     run.state = TrainState(state["step"], state["loss_ema"], dict(state["counters"]))
     # The loader state is global (the same on every rank), so it re-shards exactly onto another world size.
     run.loader.load_state_dict(state["loader"])
@@ -535,7 +599,7 @@ def train_loop(run: Run, last_stop: int) -> bool:
 
 def finish(run: Run) -> None:
     """Check the ranks ended with identical weights, close the logs and tear down the process group."""
-    if run.world_size > 1:
+    if run.world_size > 1 and not run.fsdp:  # FSDP ranks hold different shards by design
         same = check_across_ranks(fingerprint(run.raw_model.parameters()).to(run.device), run.world_size)
         if run.master:
             print(f"weights identical across {run.world_size} ranks: {same}", flush=True)
@@ -562,6 +626,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = GEB(model_config).to(device)
+    parallelize(model, device, fsdp=cfg.fsdp and world_size > 1, ac=cfg.ac, compile=cfg.compile)
     loader = TokenLoader(cfg.data, "train", seq_len, cfg.batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
                          model_vocab_size=model_config.vocab_size)
     optimizer = build_optimizer(model, cfg, world_size)
@@ -598,3 +663,6 @@ if __name__ == "__main__":
         main()
     except (CheckpointError, DataError) as e:
         fail(str(e))
+    # DDP, ZeRO and FSDP keep the (destroyed) process group's C++ object alive from reference cycles; collect them
+    # here, not during interpreter shutdown, so Gloo's threads are torn down while the runtime is still whole.
+    gc.collect()

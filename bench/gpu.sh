@@ -61,4 +61,10 @@ if [[ $what == fused ]]; then
     timeout 120 python3 -m bench.bench_train --preset geb-1.3b --batch-size 16 --seq-len 2048 --impl triton,torch \
         --compile true --steps 5 --warmup 2 --json "$out/train_fused.jsonl" 2>&1 | tee "$out/train_fused.md" || rc=1
 fi
+if [[ $what == all || $what == attention ]]; then
+    # Attention vs SDPA flash/cuDNN and FlexAttention, dense and varlen, autotuned, device time: ~4 minutes on an
+    # H100/H200 (kernel compilation included; a rerun reuses Triton's cache). Rows print as they are measured.
+    rm -f "$out/attention.jsonl"
+    timeout 280 python3 -m bench.bench_attention --json "$out/attention.jsonl" 2>&1 | tee "$out/attention.md" || rc=1
+fi
 exit $rc

@@ -152,8 +152,9 @@ def bits_per_byte(model: nn.Module, data_dir: str | os.PathLike, split: str = "v
     Every token of the split (documents and their EOS) is scored once, in windows of seq_len, in order. With
     max_tokens only the first max_tokens are scored and the bytes are prorated (bytes × scored / total tokens),
     which assumes the scored prefix has the split's average bytes per token. With world_size > 1 (call it on every
-    rank of an initialized process group) each rank scores every world_size-th batch and the sums are all-reduced.
-    Returns loss (nats/token), bpb, tokens, bytes, ppl and split_tokens.
+    rank of an initialized process group) each rank scores every world_size-th batch and the sums are all-reduced;
+    every rank makes the same number of forward calls (the last round is padded with a batch that scores nothing),
+    as a sharded (FSDP) model's all-gathers need. Returns loss (nats/token), bpb, tokens, bytes, ppl and split_tokens.
     """
     m = read_manifest(data_dir, model_vocab_size=model.config.vocab_size)
     if split not in m["splits"]:
@@ -166,8 +167,8 @@ def bits_per_byte(model: nn.Module, data_dir: str | os.PathLike, split: str = "v
     total = m["splits"][split]["tokens"]
     with eval_mode(model):
         bar = Progress(-(-min(total, max_tokens or total) // world_size), f"{split} bpb", progress)
-        nll, tokens = _split_nll(model, data_dir, split, seq_len, batch_size, max_tokens, device, rank, world_size,
-                                 bar)
+        windows = rank_windows(data_dir, split, seq_len, batch_size, max_tokens, rank, world_size, total)
+        nll, tokens = _nll_windows(model, windows, device, bar)
         bar.close()
     if world_size > 1:
         sums = torch.tensor([nll, float(tokens)], dtype=torch.float64, device=device)
@@ -192,9 +193,23 @@ def _split_windows(data_dir: str | os.PathLike, split: str, seq_len: int, batch_
         yield inputs, targets
 
 
-def _split_nll(model: nn.Module, data_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int,
-               max_tokens: int | None, device, rank: int, world_size: int,
-               progress: Progress | None) -> tuple[float, int]:
-    """This rank's Σ NLL and scored-token count over the split's first max_tokens tokens (all when None)."""
-    windows = _split_windows(data_dir, split, seq_len, batch_size, max_tokens, rank, world_size)
-    return _nll_windows(model, windows, device, progress)
+def eval_calls(split_tokens: int, seq_len: int, batch_size: int, max_tokens: int | None, world_size: int) -> int:
+    """The number of batches each rank runs: the split's batches (those that reach into the first max_tokens)
+    dealt round-robin, rounded up to whole rounds."""
+    windows = -(-split_tokens // seq_len)
+    batches = -(-windows // batch_size)
+    if max_tokens is not None:
+        batches = min(batches, -(-max_tokens // (batch_size * seq_len)))
+    return -(-batches // world_size)
+
+
+def rank_windows(data_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int, max_tokens: int | None,
+                 rank: int, world_size: int, split_tokens: int) -> Batches:
+    """This rank's eval batches, then padding batches (one row, no scored target) up to eval_calls batches."""
+    calls = eval_calls(split_tokens, seq_len, batch_size, max_tokens, world_size)
+    made = 0
+    for batch in _split_windows(data_dir, split, seq_len, batch_size, max_tokens, rank, world_size):
+        made += 1
+        yield batch
+    for _ in range(calls - made):
+        yield torch.zeros(1, seq_len, dtype=torch.long), torch.full((1, seq_len), -1, dtype=torch.long)

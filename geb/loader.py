@@ -3,6 +3,10 @@
 The directory is written by `python -m geb.data prepare` (see docs/data.md for its layout and manifest fields).
 `TokenLoader` yields (inputs, targets) training batches in a seeded order, disjoint across ranks and exactly
 resumable from its state_dict; `iter_eval_windows` scores every token of a split once, for bits-per-byte.
+
+With doc_mask=True both also yield per-token positions: the packed-batch format (inputs, targets, positions), with
+targets -100 where nothing is scored, that document-masked attention reads (`segments` turns positions into the
+cumulative lengths of `kernels.flash_attn_varlen_func`).
 """
 
 from __future__ import annotations
@@ -151,6 +155,29 @@ class _Shards:
         return n
 
 
+def doc_positions(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Per-token positions of a (B, T) batch of packed documents, restarting at 0 at every EOS and at each row start.
+
+    The EOS that ends a document opens the next segment (position 0), as `[eos] + text` does when a document is
+    scored alone: attention within segments predicts each document's first token from that EOS only, and the
+    document's EOS target from the document itself. So no token is predicted from the previous document.
+    """
+    o_t = torch.arange(inputs.shape[-1], device=inputs.device).expand_as(inputs)
+    starts = (inputs == eos_id) | (o_t == 0)
+    return o_t - torch.where(starts, o_t, 0).cummax(-1).values
+
+
+def segments(positions: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The segments of a (B, T) positions batch flattened to B*T tokens: int32 cumulative lengths (a segment starts
+    where the position is 0) and the longest length, as `kernels.flash_attn_varlen_func` takes them."""
+    flat = positions.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        raise ValueError("positions must be 0 at the start of every row")
+    cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    return cu, int(cu.diff().max())
+
+
 def _split_shards(m: dict, split: str) -> _Shards:
     if split not in m["splits"]:
         raise DataError(f"{m['data_dir']}/manifest.json: no split {split!r} (have {sorted(m['splits'])})")
@@ -167,20 +194,25 @@ class TokenLoader:
     An epoch ends when fewer than a global batch of windows is left (they are dropped this epoch; the permutation
     differs next epoch, so no window is always dropped).
 
+    With doc_mask=True each batch is (inputs, targets, positions): `doc_positions` of the inputs, windows and order
+    unchanged (so resuming is exactly as without).
+
     Resume: the state is (epoch, windows consumed so far this epoch). It is the same on every rank, and resuming it
     under another world_size or batch_size re-shards exactly: the run continues from the same window of the
     same permutation. seed, seq_len, split and the data itself must match, otherwise load_state_dict refuses.
     """
 
     def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, *, model_vocab_size: int | None = None) -> None:
+                 world_size: int = 1, seed: int = 0, *, model_vocab_size: int | None = None,
+                 doc_mask: bool = False) -> None:
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.manifest = read_manifest(data_dir, model_vocab_size=model_vocab_size)
         self.data_dir, self.split, self.seq_len, self.batch_size = Path(data_dir), split, seq_len, batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.rank, self.world_size, self.seed, self.doc_mask = rank, world_size, seed, doc_mask
+        self.eos_id = self.manifest["tokenizer"]["eos_id"]
         self._shards = _split_shards(self.manifest, split)
         self.n_tokens = self._shards.n
         self.n_windows = max(self.n_tokens - 1, 0) // seq_len
@@ -208,7 +240,7 @@ class TokenLoader:
     def __iter__(self) -> TokenLoader:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple[torch.Tensor, ...]:
         if self.position + self.global_batch > self.n_windows:
             self.epoch += 1
             self.position = 0
@@ -217,13 +249,16 @@ class TokenLoader:
         self.position += self.global_batch
         return self._batch(windows)
 
-    def _batch(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, windows: np.ndarray) -> tuple[torch.Tensor, ...]:
         T = self.seq_len
         buf = np.empty((len(windows), T + 1), dtype=np.int64)
         for row, w in zip(buf, windows, strict=True):
             self._shards.read(int(w) * T, row)
         x = torch.from_numpy(buf)
-        return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+        inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+        if self.doc_mask:
+            return inputs, targets, doc_positions(inputs, self.eos_id)
+        return inputs, targets
 
     def state_dict(self) -> dict:
         """Everything needed to continue exactly where this loader is (identical on all ranks)."""
@@ -253,13 +288,14 @@ class TokenLoader:
 
 
 def iter_eval_windows(data_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int, rank: int = 0,
-                      world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                      world_size: int = 1, *, doc_mask: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
     """Deterministic pass scoring every token of a split exactly once; yields (inputs, targets) int64 batches.
 
     The stream is [eos] + split tokens, so the split's first token is scored too and the scored bytes are exactly
     manifest["splits"][split]["bytes"] (bits-per-byte = sum of NLL / ln 2 / that). The last window is padded:
     inputs with pad_id, targets with -100 (F.cross_entropy's default ignore_index); the last batch may have fewer
-    rows. With world_size > 1, rank r gets batches r, r + world_size, ...; sum the losses over ranks.
+    rows. With world_size > 1, rank r gets batches r, r + world_size, ...; sum the losses over ranks. With
+    doc_mask=True each batch also carries `doc_positions` of its inputs, so every document is scored alone.
     """
     m = read_manifest(data_dir)
     shards = _split_shards(m, split)
@@ -287,4 +323,4 @@ def iter_eval_windows(data_dir: str | os.PathLike, split: str, seq_len: int, bat
         inputs, targets = x[:, :-1].clone(), x[:, 1:].clone()
         mask = torch.arange(T)[None, :] >= torch.from_numpy(tgt_valid)[:, None]
         targets[mask] = IGNORE_INDEX
-        yield inputs, targets
+        yield (inputs, targets, doc_positions(inputs, eos)) if doc_mask else (inputs, targets)

@@ -1,7 +1,8 @@
 """Public kernel API: each op takes impl="auto" | "triton" | "torch" (auto = Triton on CUDA, reference elsewhere).
 
 `GEB_KERNELS=torch` forces the PyTorch references everywhere. `GEB_AUTOTUNE=0` (read at import) gives each attention
-kernel one small config instead of autotuning. `GEB_KERNELS_POISON=1` NaN-fills kernel outputs (tests).
+kernel one small config instead of autotuning; `GEB_ATTN_VARIANT=plain|ws|tma|tma_ws` forces one attention variant
+(kernels/flash_attn.py). `GEB_KERNELS_POISON=1` NaN-fills kernel outputs (tests).
 
 Files: one per op (`flash_attn`, `rms_norm`, `swiglu`, `rotary`: Triton kernels, launchers, torch.library ops and
 autograd glue), `reference` (the PyTorch references), `_common` (what the kernel files share). Names inside the
@@ -23,7 +24,7 @@ from kernels._common import INTERPRET
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 if HAVE_TRITON:
     from kernels.cross_entropy import linear_cross_entropy_chunked
-    from kernels.flash_attn import MAX_HEAD_DIM, flash_attn_triton
+    from kernels.flash_attn import MAX_HEAD_DIM, flash_attn_triton, flash_attn_varlen_triton
     from kernels.rms_norm import add_rms_norm_triton, rms_norm_triton
     from kernels.rotary import apply_rotary_qk_triton, apply_rotary_triton
     from kernels.swiglu import swiglu_triton
@@ -83,6 +84,50 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
         raise ValueError(f"head dim (q.shape[-1]) is {q.shape[-1]} but impl='triton' supports 1 to {MAX_HEAD_DIM}")
     return flash_attn_triton(q, k, v, causal, scale)
+
+
+def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_name: str, max_len: int,
+                      device: torch.device) -> None:
+    """Raise ValueError naming `name` unless it is int32 cumulative lengths from 0 to `total`, none over max_len
+    (the values only on CPU)."""
+    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D int32 tensor of >= 2 cumulative lengths, got {cu.dtype} "
+                         f"shape {tuple(cu.shape)}")
+    _same(f"{name}.device", cu.device, "q.device", device)
+    if cu.is_cuda:
+        return  # reading the values would stall the GPU on every call; CPU callers get them checked
+    lengths = cu.diff()
+    if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lengths < 0).any()):
+        raise ValueError(f"{name} must rise from 0 to {total} (the packed rows), got {cu.tolist()}")
+    if int(lengths.max()) > max_len:
+        raise ValueError(f"{max_name} is {max_len} but {name} holds a document of {int(lengths.max())}")
+
+
+def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
+                           softmax_scale: float | None = None, impl: str = "auto") -> torch.Tensor:
+    """Attention within packed documents: q (total_q, Hq, D), k/v (total_k, Hkv, D), int32 cumulative lengths
+    (FlashAttention-2's varlen convention); document b is rows cu_seqlens[b]:cu_seqlens[b + 1]."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total, H, D), got shape {tuple(t.shape)}")
+    _same("k.shape", tuple(k.shape), "v.shape", tuple(v.shape))
+    _same("k head dim", k.shape[2], "q head dim", q.shape[2])
+    _same("k.dtype", k.dtype, "q.dtype", q.dtype)
+    _same("v.dtype", v.dtype, "q.dtype", q.dtype)
+    _same("k.device", k.device, "q.device", q.device)
+    _same("v.device", v.device, "q.device", q.device)
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q, q.device)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k, q.device)
+    _same("cu_seqlens_k documents", cu_seqlens_k.numel(), "cu_seqlens_q documents", cu_seqlens_q.numel())
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if _resolve(impl, q=q, k=k, v=v) == "torch":
+        return reference.attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim (q.shape[-1]) is {q.shape[-1]} but impl='triton' supports 1 to {MAX_HEAD_DIM}")
+    return flash_attn_varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, impl: str = "auto") -> torch.Tensor:
@@ -201,5 +246,5 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return loss.view(targets.shape) if reduction == "none" else loss
 
 
-__all__ = ["flash_attn_func", "rms_norm", "swiglu", "apply_rotary", "add_rms_norm", "apply_rotary_qk",
-           "linear_cross_entropy"]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "rms_norm", "swiglu", "apply_rotary", "add_rms_norm",
+           "apply_rotary_qk", "linear_cross_entropy"]

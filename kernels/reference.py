@@ -20,6 +20,21 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     return out.transpose(1, 2)
 
 
+def attention_varlen_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, causal: bool, softmax_scale: float) -> torch.Tensor:
+    """Attention within packed documents (q (total_q, Hq, D), k/v (total_k, Hkv, D)): SDPA on each document alone."""
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = []
+    for b in range(len(bounds_q) - 1):
+        q_b = q[bounds_q[b] : bounds_q[b + 1]][None]
+        k_b, v_b = k[bounds_k[b] : bounds_k[b + 1]][None], v[bounds_k[b] : bounds_k[b + 1]][None]
+        if k_b.shape[1] == 0:  # a document without keys attends to nothing: zeros, as the kernel writes
+            outs.append(torch.zeros_like(q_b[0]))
+            continue
+        outs.append(attention_ref(q_b, k_b, v_b, causal, softmax_scale)[0])
+    return torch.cat(outs) if outs else q.new_zeros(q.shape)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """fp32 for fp16/bf16/fp32 inputs; fp64 stays fp64 (tests use fp64 inputs as the ground truth)."""
     return torch.promote_types(x.dtype, torch.float32)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import WORDS, Uniform
 
-from geb.bpb import EvalError, _split_nll, bits_per_byte, bits_per_byte_text, doc_start
+from geb.bpb import EvalError, _nll_windows, bits_per_byte, bits_per_byte_text, doc_start, rank_windows
 from geb.data import prepare
 from geb.loader import read_manifest
 
@@ -109,10 +109,20 @@ def test_bpb_split_matches_model_loss(tiny_model, data_dir):
     assert res["bpb"] == pytest.approx(total / (math.log(2) * m["splits"]["val"]["bytes"]), rel=1e-5)
 
 
+def split_nll(model, data_dir, max_tokens, rank, world_size) -> tuple[float, int, int]:
+    """One rank's Σ NLL, scored tokens and forward calls over the val split (seq_len 16, batch 3)."""
+    split_tokens = read_manifest(data_dir)["splits"]["val"]["tokens"]
+    windows = list(rank_windows(data_dir, "val", 16, 3, max_tokens, rank, world_size, split_tokens))
+    return *_nll_windows(model, windows, "cpu", None), len(windows)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("max_tokens", [None, 1, 50, 97, 10**9])
-def test_bpb_ranks_add_up_to_one_pass(tiny_model, data_dir, max_tokens):
-    one = _split_nll(tiny_model, data_dir, "val", 16, 3, max_tokens, "cpu", 0, 1, None)
-    parts = [_split_nll(tiny_model, data_dir, "val", 16, 3, max_tokens, "cpu", r, 3, None) for r in range(3)]
+def test_bpb_ranks_add_up_to_one_pass_in_equal_calls(tiny_model, data_dir, max_tokens, world_size):
+    one = split_nll(tiny_model, data_dir, max_tokens, 0, 1)
+    parts = [split_nll(tiny_model, data_dir, max_tokens, r, world_size) for r in range(world_size)]
     split_tokens = read_manifest(data_dir)["splits"]["val"]["tokens"]
     assert sum(p[1] for p in parts) == one[1] == min(max_tokens or 10**9, split_tokens)
     assert sum(p[0] for p in parts) == pytest.approx(one[0], rel=1e-6)
+    # Every rank makes the same number of forward calls (FSDP all-gathers would hang otherwise), in whole rounds.
+    assert {p[2] for p in parts} == {-(-one[2] // world_size)}

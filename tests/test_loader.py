@@ -16,7 +16,16 @@ from helpers import CORPUS
 import geb.loader
 from geb.corpus import DataError
 from geb.data import prepare, write_token_dir
-from geb.loader import IGNORE_INDEX, TokenLoader, iter_eval_windows, read_manifest, split_bytes, token_dtype
+from geb.loader import (
+    IGNORE_INDEX,
+    TokenLoader,
+    doc_positions,
+    iter_eval_windows,
+    read_manifest,
+    segments,
+    split_bytes,
+    token_dtype,
+)
 from geb.tokenizer import train_tokenizer
 
 
@@ -315,3 +324,78 @@ def test_eval_windows_single_row_last_batch_keeps_inputs_valid(prepared):
     for inputs, targets in batches:
         assert int(inputs.min()) >= 0  # padding targets (-100) must never leak into inputs
         assert (targets != IGNORE_INDEX).sum() > 0
+
+
+# --- document masking -------------------------------------------------------------------------------------------------
+
+EOS = 2  # the shared tokenizer's fixed eos id
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory, tokenizer_file) -> Path:
+    """A data dir of documents whose every token is 100 + the document's index, each followed by EOS."""
+    rng = np.random.default_rng(0)
+    docs = [np.full(int(n), 100 + i) for i, n in enumerate(rng.integers(1, 40, size=300))]
+    stream = np.concatenate([np.append(d, EOS) for d in docs])
+    d = tmp_path_factory.mktemp("documents")
+    write_token_dir(d, tokenizer_file, {"train": [stream[:3000], stream[3000:]], "val": [stream[:700]]},
+                    vocab_size=65536)
+    return d
+
+
+def _check_segments(x, y, pos):
+    """Each segment starts at a row start or an EOS input, and all its inputs after that and all its targets
+    (EOS aside) come from one document: nothing is predicted from the previous document."""
+    assert pos.shape == x.shape and pos.dtype == torch.int64
+    for row_x, row_y, row_p in zip(x.tolist(), y.tolist(), pos.tolist(), strict=True):
+        start = 0
+        for i, p in enumerate(row_p):
+            if i == 0 or row_x[i] == EOS:
+                start = i
+            assert p == i - start, (i, row_p)
+        cu, _ = segments(torch.tensor([row_p]))
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+            scored = [i for i in range(a, b) if row_y[i] != IGNORE_INDEX]  # padded tails are not scored
+            docs = {t for i in scored for t in (row_x[i], row_y[i]) if t != EOS}
+            assert len(docs) <= 1, f"segment {a}:{b} mixes documents {docs}"
+
+
+def test_doc_mask_positions_restart_at_each_document(documents):
+    plain = TokenLoader(documents, "train", 64, 4, seed=1)
+    masked = TokenLoader(documents, "train", 64, 4, seed=1, doc_mask=True)
+    for _ in range(10):
+        x, y = next(plain)
+        xm, ym, pos = next(masked)
+        assert torch.equal(x, xm) and torch.equal(y, ym)  # same windows in the same order
+        assert (x == EOS).any()
+        _check_segments(xm, ym, pos)
+
+
+def test_doc_mask_resume_is_exact(documents):
+    a = TokenLoader(documents, "train", 32, 3, seed=4, doc_mask=True)
+    for _ in range(7):
+        next(a)
+    b = TokenLoader(documents, "train", 32, 3, seed=4, doc_mask=True)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    for _ in range(20):
+        for ta, tb in zip(next(a), next(b), strict=True):
+            assert torch.equal(ta, tb)
+
+
+def test_doc_mask_eval_windows_score_each_document_alone(documents):
+    batches = list(iter_eval_windows(documents, "val", 48, 3, doc_mask=True))
+    plain = list(iter_eval_windows(documents, "val", 48, 3))
+    assert len(batches) == len(plain)
+    for (x, y, pos), (xp, yp) in zip(batches, plain, strict=True):
+        assert torch.equal(x, xp) and torch.equal(y, yp)
+        _check_segments(x, y, pos)
+
+
+def test_segments_are_varlen_cumulative_lengths():
+    x = torch.tensor([[5, 6, EOS, 7, 8, EOS, EOS, 9], [EOS, 1, 1, 1, EOS, 3, 3, 3]])
+    pos = doc_positions(x, EOS)
+    assert pos.tolist() == [[0, 1, 0, 1, 2, 0, 0, 1], [0, 1, 2, 3, 0, 1, 2, 3]]
+    cu, longest = segments(pos)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 2, 5, 6, 8, 12, 16] and longest == 4
+    with pytest.raises(ValueError, match="positions must be 0"):
+        segments(pos[:, 1:])

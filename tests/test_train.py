@@ -1,8 +1,10 @@
-"""train.py end to end on a tiny model (DDP over Gloo, exact resume, signals, spikes, accumulation, bad flags, the
-final checkpoint before the final evaluation) and its embedding-gradient shrink hook."""
+"""train.py end to end on a tiny model (DDP and FSDP2 over Gloo, exact resume, sharded checkpoints across world sizes,
+elastic restarts after a killed rank, signals, spikes, accumulation, bad flags, the final checkpoint before the final
+evaluation) and its embedding-gradient shrink hook."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import pytest
 import torch
 from helpers import CORPUS, small_config
 
+from geb.checkpoint import load_model
 from geb.data import prepare
 from geb.model import GEB
 from train import EmbeddingGradShrink
@@ -34,13 +37,14 @@ CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def train(data_dir: Path, out: Path, *extra: str, nproc: int = 1, check: bool = True,
-          script: list[str] | None = None) -> subprocess.CompletedProcess:
-    """Run train.py (under torchrun when nproc > 1, or `python SCRIPT...` taking the same flags) and return the
-    finished process."""
+          script: list[str] | None = None, torchrun: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run train.py, or SCRIPT taking the same flags (under torchrun with its extra flags when nproc > 1, else
+    `python SCRIPT...`), and return the finished process."""
     args = ["--data", str(data_dir), "--out", str(out), "--batch-size", "2", "--seq-len", "32", "--log-every", "1",
             "--eval-tokens", "1024", "--warmup-steps", "2", "--lr", "1e-3", *TINY, *extra]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               *(torchrun or []), *(script or ["train.py"])]
     else:
         cmd = [sys.executable, *(script or ["train.py"])]
     proc = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, env=CPU_ENV, timeout=300)
@@ -68,6 +72,87 @@ def test_ddp_two_ranks_on_gloo(data_dir, tmp_path):
     records = metrics(out)
     assert [s for s, _ in train_losses(out)] == [1, 2, 3, 4]
     assert any("val_bpb" in r and r["val_bpb"] > 0 for r in records)
+
+
+FSDP_RUN = ["--max-steps", "20", "--save-every", "4", "--eval-every", "100", "--dropout", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(data_dir, tmp_path_factory) -> Path:
+    """An uninterrupted 2-rank FSDP run of 20 steps (checkpoints every 4 steps)."""
+    out = tmp_path_factory.mktemp("fsdp") / "full"
+    proc = train(data_dir, out, *FSDP_RUN, "--fsdp", nproc=2)
+    assert "saved" in proc.stdout and (out / "ckpt-0000020" / ".metadata").is_file()
+    return out
+
+
+@pytest.mark.parametrize("tied", ["true", "false"])  # the embedding in the root group, or in groups of its own
+def test_fsdp_matches_ddp(data_dir, fsdp_run, tmp_path, tied):
+    out, fsdp_out = tmp_path / "ddp", tmp_path / "fsdp"
+    train(data_dir, out, *FSDP_RUN, "--ac", "selective", "--tie-embeddings", tied, nproc=2)  # AC changes no loss
+    if tied == "true":
+        fsdp_out = fsdp_run
+    else:
+        train(data_dir, fsdp_out, *FSDP_RUN, "--fsdp", "--tie-embeddings", tied, nproc=2)
+    ddp, fsdp = train_losses(out), train_losses(fsdp_out)
+    assert [s for s, _ in fsdp] == list(range(1, 21))
+    for (_, a), (_, b) in zip(fsdp, ddp, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b), (fsdp, ddp)  # fp32, another reduction order
+    ddp_model, _ = load_model(out)
+    fsdp_model, tokenizer = load_model(fsdp_out)  # the sharded checkpoint, read in this one process
+    assert tokenizer == fsdp_out / "tokenizer.model"
+    assert (fsdp_model.lm_head.weight is fsdp_model.embed_tokens.weight) == (tied == "true")
+    for (name, a), b in zip(fsdp_model.state_dict().items(), ddp_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fsdp_resume_is_bit_identical_on_two_ranks_and_continues_on_one(data_dir, fsdp_run, tmp_path):
+    parts = tmp_path / "parts"
+    train(data_dir, parts, *FSDP_RUN, "--fsdp", "--run-steps", "10", nproc=2)  # saves at 4, 8 and 10
+    one_rank = tmp_path / "one"
+    shutil.copytree(parts, one_rank)
+    proc = train(data_dir, parts, *FSDP_RUN, "--fsdp", nproc=2)
+    assert "resuming from" in proc.stdout and "ckpt-0000010 (step 10)" in proc.stdout
+    assert train_losses(parts) == train_losses(fsdp_run)  # exact float equality, step by step
+    proc = train(data_dir, one_rank, *FSDP_RUN, "--fsdp", "--run-steps", "2", "--ac", "full")
+    assert "checkpoint was written by 2 ranks" in proc.stdout and "saved" in proc.stdout
+    losses = train_losses(one_rank)
+    assert losses[:10] == train_losses(fsdp_run)[:10] and [s for s, _ in losses] == list(range(1, 13))
+    proc = subprocess.run([sys.executable, "infer_cpu.py", "--ckpt", str(one_rank / "ckpt-0000012"), "--prompt",
+                           "the", "--max-new-tokens", "5", "--seed", "0"], cwd=ROOT, capture_output=True, text=True,
+                          env=CPU_ENV, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
+
+
+KILL_RANK_1 = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train
+step = train.train_step
+def train_step(run):
+    if run.rank == 1 and run.state.step == 10 and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(run)
+train.train_step = train_step
+train.main()
+"""
+
+
+def test_killed_rank_costs_one_restart_and_changes_nothing(data_dir, fsdp_run, tmp_path):
+    script = tmp_path / "kill_rank_1.py"
+    script.write_text(KILL_RANK_1.format(root=str(ROOT)))
+    for attempt in range(3):
+        out = tmp_path / f"elastic{attempt}"
+        proc = train(data_dir, out, *FSDP_RUN, "--fsdp", nproc=2, torchrun=["--max-restarts", "1"],
+                     script=[str(script)])
+        assert "ckpt-0000008 (step 8)" in proc.stdout  # one restart, from the last checkpoint
+        assert train_losses(out) == train_losses(fsdp_run)
+
+
+def test_fsdp_and_zero_are_exclusive(data_dir, tmp_path):
+    proc = train(data_dir, tmp_path / "bad", "--max-steps", "2", "--fsdp", "--zero", check=False)
+    assert proc.returncode != 0 and "--fsdp and --zero are exclusive" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_zero_sharded_optimizer_saves_and_resumes(data_dir, tmp_path):
