@@ -26,8 +26,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps, self.impl = eps, impl
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps, impl=self.impl)
+    def forward(self, x: torch.Tensor, pending: torch.Tensor | None = None):
+        """norm(x); with pending, (norm(x + pending), x + pending) in one kernel. A module call either way, so that
+        FSDP's hooks gather the weight (and, for the final norm, the LM head grouped with it)."""
+        if pending is None:
+            return kernels.rms_norm(x, self.weight, self.eps, impl=self.impl)
+        return kernels.add_rms_norm(pending, x, self.weight, self.eps, impl=self.impl)
 
 
 class KVCache(nn.Module):
@@ -151,7 +155,7 @@ def add_norm(pending: torch.Tensor | None, x: torch.Tensor, norm: RMSNorm) -> tu
     """(norm(x + pending), x + pending) in one kernel; (norm(x), x) when nothing is pending."""
     if pending is None:
         return norm(x), x
-    return kernels.add_rms_norm(pending, x, norm.weight, norm.eps, impl=norm.impl)
+    return norm(x, pending)
 
 
 class GEB(nn.Module):
@@ -238,7 +242,8 @@ class GEB(nn.Module):
             return self.lm_head(add_norm(_last(pending), x[:, -1:], self.norm)[0]), None
         h, _ = add_norm(pending, x, self.norm)
         if logits == "none":
-            # The LM head and the loss fused: the (B, T, vocab) logits are never materialized.
+            # The LM head and the loss fused: the (B, T, vocab) logits are never materialized. The LM head's weight
+            # is read directly: under FSDP it is gathered with the final norm's (one group), called just above.
             flat = _ignore_negative(targets)
             return None, kernels.linear_cross_entropy(h, self.lm_head.weight, flat.view(targets.shape),
                                                       impl=self.norm.impl)
