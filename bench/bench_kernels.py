@@ -42,7 +42,9 @@ try:  # Liger-Kernel is an optional comparison point: its rows are skipped witho
 except ImportError:
     HAVE_LIGER = False
 
-MODES = ["fwd", "fwd_bwd"]
+# GEB_BENCH_QUICK=1 (bench/gpu.sh fused): one shape per op, forward+backward only, so the device run stays short.
+QUICK = os.environ.get("GEB_BENCH_QUICK") == "1"
+MODES = ["fwd_bwd"] if QUICK else ["fwd", "fwd_bwd"]
 # On a CPU, few rounds: the point there is that every path runs and is checked, not precise timings.
 pytestmark = pytest.mark.benchmark(min_rounds=5 if CUDA else 2, max_time=0.5 if CUDA else 0.2)
 
@@ -59,7 +61,12 @@ if CUDA:
     NORM_SHAPES = [(8192, 2048), (16384, 2048), (32768, 2048)]  # (tokens, d_model)
     SWIGLU_SHAPES = [(8192, 5632), (16384, 5632), (32768, 5632)]  # (tokens, ffn)
     ROTARY_SHAPES = [(4, 2048, 16, 4, 128), (8, 2048, 16, 4, 128), (4, 8192, 16, 4, 128)]  # (B, T, Hq, Hkv, D)
+    CE_SHAPES = [(16384, 2048, 64896)]  # (tokens, d_model, vocab): geb-1.3b at batch 8 x 2048
+    if QUICK:
+        ATTN_SHAPES, NORM_SHAPES, SWIGLU_SHAPES = ATTN_SHAPES[1:2], [(32768, 2048)], SWIGLU_SHAPES[1:2]
+        ROTARY_SHAPES = ROTARY_SHAPES[1:2]
     TRITON_ATTN, TRITON_NORM, TRITON_SWIGLU, TRITON_ROTARY = ATTN_SHAPES, NORM_SHAPES, SWIGLU_SHAPES, ROTARY_SHAPES
+    TRITON_CE = CE_SHAPES
 else:
     ATTN_SHAPES = [(1, 512, 16, 4, 128, True)]
     NORM_SHAPES = [(1024, 2048)]
@@ -69,6 +76,8 @@ else:
     TRITON_NORM = [(64, 2048)]
     TRITON_SWIGLU = [(64, 5632)]
     TRITON_ROTARY = [(1, 64, 16, 4, 128)]
+    CE_SHAPES = [(512, 256, 8192)]
+    TRITON_CE = [(20, 16, 64896)]
 
 
 def _providers(extra: list[str]) -> list[str]:
@@ -144,7 +153,7 @@ def _bench(benchmark, *, op: str, provider: str, mode: str, shape: tuple, fn: Ca
             pytest.skip(f"{provider} cannot run {shape}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     factors = factors or {}
     outside_rule = None
-    if provider in ("triton", "torch", "compile"):
+    if provider in ("triton", "torch", "compile", "chunked"):
         _check(fn, ref_fn, inputs, grad, mode, names, factors)
     else:
         # Third-party kernels (SDPA backends, Liger): twice the slack, and a miss is recorded, not failed. Our
@@ -373,6 +382,86 @@ def test_rotary(benchmark, provider, shape, mode):
     _bench(benchmark, op="rotary", provider=provider, mode=mode, shape=shape, fn=_rotary_fn(provider),
            ref_fn=_rotary_fn("torch"), inputs=[q, k, cos, sin], grad=[True, True, False, False],
            names=["q", "k", "cos", "sin"], work=_gbps(n_bytes))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused ops: residual add + RMSNorm, q and k rotated in one launch, linear cross-entropy.
+# ---------------------------------------------------------------------------------------------------------------
+def _add_rms_fn(provider: str) -> Callable:
+    eps = 1e-5
+    if provider == "triton":
+        return lambda x, r, w: kernels.add_rms_norm(x, r, w, eps, impl="triton")
+    if provider == "liger":
+        try:
+            from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction  # optional comparison
+        except ImportError:
+            pytest.skip("this Liger-Kernel has no fused add + RMSNorm")
+        return lambda x, r, w: LigerFusedAddRMSNormFunction.apply(x, r.clone(), w, eps)
+    fn = lambda x, r, w: reference.add_rms_norm_ref(x, r, w, eps)  # noqa: E731
+    return _compiled(fn) if provider == "compile" else fn
+
+
+@pytest.mark.parametrize("provider, shape, mode", list(_simple_cases(NORM_SHAPES, TRITON_NORM)))
+def test_fused_add_rms_norm(benchmark, provider, shape, mode):
+    _skip_unavailable(provider)
+    n, d = shape
+    x, r = torch.randn(n, d, device=DEVICE, dtype=DTYPE), torch.randn(n, d, device=DEVICE, dtype=DTYPE)
+    w = 1 + 0.1 * torch.randn(d, device=DEVICE, dtype=DTYPE)
+    # fwd: read x, r, write y, s; bwd: read dy, ds, s, write d(sum) (x and residual share it).
+    n_bytes = n * d * x.element_size() * (4 if mode == "fwd" else 8)
+    _bench(benchmark, op="add_rms_norm", provider=provider, mode=mode, shape=shape, fn=_add_rms_fn(provider),
+           ref_fn=_add_rms_fn("torch"), inputs=[x, r, w], grad=[True, True, True], names=["x", "residual", "w"],
+           work=_gbps(n_bytes))
+
+
+def _rotary_qk_fn(provider: str) -> Callable:
+    if provider == "triton":
+        return lambda q, k, cos, sin: kernels.apply_rotary_qk(q, k, cos, sin, impl="triton")
+    return _rotary_fn(provider)
+
+
+@pytest.mark.parametrize("provider, shape, mode", list(_simple_cases(ROTARY_SHAPES, TRITON_ROTARY)))
+def test_fused_rotary_qk(benchmark, provider, shape, mode):
+    """As test_rotary, our provider being the one-launch apply_rotary_qk."""
+    _skip_unavailable(provider)
+    b, t, h_q, h_kv, d = shape
+    q = torch.randn(b, t, h_q, d, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(b, t, h_kv, d, device=DEVICE, dtype=DTYPE)
+    angles = torch.rand(t, d // 2, device=DEVICE) * 6
+    n_bytes = (q.numel() + k.numel()) * q.element_size() * 2 * (1 if mode == "fwd" else 2)
+    _bench(benchmark, op="rotary_qk", provider=provider, mode=mode, shape=shape, fn=_rotary_qk_fn(provider),
+           ref_fn=_rotary_qk_fn("torch"), inputs=[q, k, angles.cos(), angles.sin()], grad=[True, True, False, False],
+           names=["q", "k", "cos", "sin"], work=_gbps(n_bytes))
+
+
+def _ce_fn(provider: str) -> Callable:
+    """Mean cross-entropy of x @ w.T: ours (chunked), or F.linear + F.cross_entropy on the full logits."""
+    if provider in ("triton", "chunked"):
+        impl = "triton" if provider == "triton" else "torch"
+        return lambda x, w, t: kernels.linear_cross_entropy(x, w, t, impl=impl)
+    if provider == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # optional comparison point
+
+        loss = LigerFusedLinearCrossEntropyLoss()
+        return lambda x, w, t: loss(w, x, t)
+    fn = reference.linear_cross_entropy_ref
+    return _compiled(fn) if provider == "compile" else fn
+
+
+@pytest.mark.parametrize("provider, shape, mode", [
+    pytest.param(p, s, "fwd_bwd", id=f"{p}-fwd_bwd-{'x'.join(map(str, s))}")
+    for p in ["triton", "chunked", "torch", "compile", "liger"]
+    for s in _shapes(p, CE_SHAPES, TRITON_CE)])
+def test_fused_linear_cross_entropy(benchmark, provider, shape, mode):
+    """Loss + backward (x and weight gradients); TFLOP/s of the three matmuls (6 N d V) and peak memory."""
+    _skip_unavailable(provider)
+    n, d, vocab = shape
+    x = torch.randn(n, d, device=DEVICE, dtype=DTYPE)
+    w = torch.randn(vocab, d, device=DEVICE, dtype=DTYPE) * d**-0.5
+    t = torch.randint(0, vocab, (n,), device=DEVICE)
+    _bench(benchmark, op="linear_cross_entropy", provider=provider, mode=mode, shape=shape, fn=_ce_fn(provider),
+           ref_fn=_ce_fn("torch"), inputs=[x, w, t], grad=[True, True, False], names=["x", "w", "t"],
+           work=lambda sec: {"tflops": 6 * n * d * vocab / sec / 1e12})
 
 
 # ---------------------------------------------------------------------------------------------------------------

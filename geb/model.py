@@ -26,8 +26,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps, self.impl = eps, impl
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps, impl=self.impl)
+    def forward(self, x: torch.Tensor, pending: torch.Tensor | None = None):
+        """norm(x); with pending, (norm(x + pending), x + pending) in one kernel. A module call either way, so that
+        FSDP's hooks gather the weight (and, for the final norm, the LM head grouped with it)."""
+        if pending is None:
+            return kernels.rms_norm(x, self.weight, self.eps, impl=self.impl)
+        return kernels.add_rms_norm(pending, x, self.weight, self.eps, impl=self.impl)
 
 
 class KVCache(nn.Module):
@@ -88,8 +92,7 @@ class Attention(nn.Module):
         q = q.view(b, t, self.n_heads, self.head_dim)
         k = k.view(b, t, self.n_kv_heads, self.head_dim)
         v = v.view(b, t, self.n_kv_heads, self.head_dim)
-        q = kernels.apply_rotary(q, cos, sin, impl=self.impl)
-        k = kernels.apply_rotary(k, cos, sin, impl=self.impl)
+        q, k = kernels.apply_rotary_qk(q, k, cos, sin, impl=self.impl)
         if self.kv_cache is None:
             y = kernels.flash_attn_func(q, k, v, causal=True, impl=self.impl)
         else:
@@ -135,13 +138,24 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.post_norm = config.norm_position == "post"
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                input_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(residual stream, pending): pre-norm, the stream is x + pending, `pending` being the previous block's
+        output not yet added, so that the add and the next RMSNorm run as one kernel (add_rms_norm); post-norm
+        returns the block's output and None."""
         if self.post_norm:
             x = self.input_layernorm(x + self.dropout(self.self_attn(x, cos, sin, input_pos)))
-            return self.post_attention_layernorm(x + self.dropout(self.mlp(x)))
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, input_pos))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+            return self.post_attention_layernorm(x + self.dropout(self.mlp(x))), None
+        h, x = add_norm(pending, x, self.input_layernorm)
+        h, x = add_norm(self.dropout(self.self_attn(h, cos, sin, input_pos)), x, self.post_attention_layernorm)
+        return x, self.dropout(self.mlp(h))
+
+
+def add_norm(pending: torch.Tensor | None, x: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + pending), x + pending) in one kernel; (norm(x), x) when nothing is pending."""
+    if pending is None:
+        return norm(x), x
+    return norm(x, pending)
 
 
 class GEB(nn.Module):
@@ -209,7 +223,8 @@ class GEB(nn.Module):
 
         input_pos (T,): the positions of idx's tokens (default 0..T-1); required with a KV cache, whose entries at
         input_pos are written. logits: "all" (B, T, vocab); "last" (B, 1, vocab), only the last position through the
-        LM head (a prefill needs nothing more); "none": None, for a loss only.
+        LM head (a prefill needs nothing more); "none": None, for a loss only, computed by
+        kernels.linear_cross_entropy without materializing the logits.
         """
         if logits not in LOGITS:
             raise ValueError(f"logits must be one of {', '.join(map(repr, LOGITS))}, got {logits!r}")
@@ -220,13 +235,20 @@ class GEB(nn.Module):
         positions = self._positions(idx, input_pos)
         x = self.dropout(self.embed_tokens(idx))
         cos, sin = rope_cos_sin(self.config.head_dim, positions, self.config.rope_theta)
+        pending = None
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos)
+            x, pending = layer(x, pending, cos, sin, input_pos)
         if logits == "last":
-            return self.lm_head(self.norm(x[:, -1:])), None
-        out = self.lm_head(self.norm(x))
-        loss = None if targets is None else cross_entropy(out, targets)
-        return (None if logits == "none" else out), loss
+            return self.lm_head(add_norm(_last(pending), x[:, -1:], self.norm)[0]), None
+        h, _ = add_norm(pending, x, self.norm)
+        if logits == "none":
+            # The LM head and the loss fused: the (B, T, vocab) logits are never materialized. The LM head's weight
+            # is read directly: under FSDP it is gathered with the final norm's (one group), called just above.
+            flat = _ignore_negative(targets)
+            return None, kernels.linear_cross_entropy(h, self.lm_head.weight, flat.view(targets.shape),
+                                                      impl=self.norm.impl)
+        out = self.lm_head(h)
+        return out, (None if targets is None else cross_entropy(out, targets))
 
     def _positions(self, idx: torch.Tensor, input_pos: torch.Tensor | None) -> torch.Tensor:
         """The (T,) positions of idx's tokens, checked against max_seq_len and the KV cache."""
@@ -250,8 +272,17 @@ class GEB(nn.Module):
         return input_pos
 
 
+def _last(pending: torch.Tensor | None) -> torch.Tensor | None:
+    """The last position of a pending block output (None stays None)."""
+    return None if pending is None else pending[:, -1:]
+
+
+def _ignore_negative(targets: torch.Tensor) -> torch.Tensor:
+    """Flat int64 targets with every negative one set to -100 (ignored)."""
+    flat = targets.reshape(-1).long()
+    return flat.masked_fill(flat < 0, -100)
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy (fp32) of logits (B, T, vocab) over the targets (B, T) that are >= 0."""
-    flat_targets = targets.reshape(-1).long()
-    flat_targets = flat_targets.masked_fill(flat_targets < 0, -100)
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), flat_targets, ignore_index=-100)
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), _ignore_negative(targets), ignore_index=-100)

@@ -23,9 +23,10 @@ from kernels._common import INTERPRET
 # before the public functions below, whose names (rms_norm, swiglu) must win over the submodules' of the same name.
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 if HAVE_TRITON:
+    from kernels.cross_entropy import linear_cross_entropy_chunked
     from kernels.flash_attn import MAX_HEAD_DIM, flash_attn_triton, flash_attn_varlen_triton
-    from kernels.rms_norm import rms_norm_triton
-    from kernels.rotary import apply_rotary_triton
+    from kernels.rms_norm import add_rms_norm_triton, rms_norm_triton
+    from kernels.rotary import apply_rotary_qk_triton, apply_rotary_triton
     from kernels.swiglu import swiglu_triton
 
 IMPLS = ("auto", "triton", "torch")
@@ -162,4 +163,88 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: st
     return apply_rotary_triton(x, cos, sin)
 
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "rms_norm", "swiglu", "apply_rotary"]
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                 impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual) * weight, x + residual) in one pass: a pre-norm model's residual add and next norm."""
+    _same("residual.shape", tuple(residual.shape), "x.shape", tuple(x.shape))
+    _same("residual.dtype", residual.dtype, "x.dtype", x.dtype)
+    _same("residual.device", residual.device, "x.device", x.device)
+    _same("weight.shape", tuple(weight.shape), "x.shape[-1:]", tuple(x.shape[-1:]))
+    _same("weight.device", weight.device, "x.device", x.device)
+    if _resolve(impl, x=x, residual=residual, weight=weight) == "torch":
+        return reference.add_rms_norm_ref(x, residual, weight, eps)
+    return add_rms_norm_triton(x, residual, weight, eps)
+
+
+def _check_rotary_tables(cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor) -> None:
+    """cos/sin must be (T, D // 2) or (B, T, D // 2), on q's device."""
+    b, t, _, d = q.shape
+    if tuple(cos.shape) not in ((t, d // 2), (b, t, d // 2)):
+        raise ValueError(f"cos.shape is {tuple(cos.shape)} but must be (T, D // 2) = {(t, d // 2)} "
+                         f"or (B, T, D // 2) = {(b, t, d // 2)}")
+    _same("sin.shape", tuple(sin.shape), "cos.shape", tuple(cos.shape))
+    _same("cos.device", cos.device, "q.device", q.device)
+    _same("sin.device", sin.device, "q.device", q.device)
+
+
+def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half rotary embedding of q (B, T, Hq, D) and k (B, T, Hk, D) in one launch; cos/sin fp32 of shape
+    (T, D // 2) or per token (B, T, D // 2)."""
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != 4 or t.shape[-1] % 2:
+            raise ValueError(f"{name} must be (B, T, H, D) with even D, got shape {tuple(t.shape)}")
+    _same("k.shape (B, T, D)", (k.shape[0], k.shape[1], k.shape[3]), "q's", (q.shape[0], q.shape[1], q.shape[3]))
+    _same("k.dtype", k.dtype, "q.dtype", q.dtype)
+    _same("k.device", k.device, "q.device", q.device)
+    _check_rotary_tables(cos, sin, q)
+    if _resolve(impl, q=q, k=k, cos=cos, sin=sin) == "torch":
+        return reference.rotary_qk_ref(q, k, cos, sin)
+    return apply_rotary_qk_triton(q, k, cos, sin)
+
+
+def _check_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str,
+                         softcap: float | None) -> None:
+    """Shapes, dtypes and options of linear_cross_entropy."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (vocab, d) (the nn.Linear layout), got shape {tuple(weight.shape)}")
+    if x.dim() not in (2, 3) or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must be (N, d) or (B, T, d) with d = weight.shape[1] = {weight.shape[1]}, "
+                         f"got shape {tuple(x.shape)}")
+    _same("targets.shape", tuple(targets.shape), "x.shape[:-1]", tuple(x.shape[:-1]))
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"targets.dtype is {targets.dtype} but must be torch.int64 or torch.int32")
+    _same("weight.dtype", weight.dtype, "x.dtype", x.dtype)
+    _same("weight.device", weight.device, "x.device", x.device)
+    _same("targets.device", targets.device, "x.device", x.device)
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         reduction: str = "mean", softcap: float | None = None, impl: str = "auto") -> torch.Tensor:
+    """Cross-entropy of the logits x @ weight.T against targets, never materializing them (chunked over tokens);
+    x (N, d) or (B, T, d), weight (vocab, d), targets shaped like x[..., 0]; targets == ignore_index count for
+    nothing. reduction "none" returns the per-token losses, shaped like targets."""
+    if torch.is_autocast_enabled(x.device.type):  # the op sits below autocast: cast as F.linear would
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    _check_cross_entropy(x, weight, targets, reduction, softcap)
+    flat = targets.reshape(-1).long()
+    if not torch.compiler.is_compiling():
+        bad = (flat != ignore_index) & ((flat < 0) | (flat >= weight.shape[0]))
+        if bad.any():
+            raise ValueError(f"targets hold {int(flat[bad][0])}, outside [0, vocab = {weight.shape[0]}) and not "
+                             f"ignore_index ({ignore_index})")
+    use_triton = _resolve(impl, x=x, weight=weight) == "triton"
+    if not HAVE_TRITON:
+        return reference.linear_cross_entropy_ref(x, weight, targets, ignore_index, reduction, softcap)
+    loss = linear_cross_entropy_chunked(x.reshape(-1, x.shape[-1]), weight, flat, ignore_index, reduction,
+                                        softcap or 0.0, use_triton)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "rms_norm", "swiglu", "apply_rotary", "add_rms_norm",
+           "apply_rotary_qk", "linear_cross_entropy"]

@@ -52,10 +52,39 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual) * weight, x + residual), the sum in x's dtype as the unfused ops compute it."""
+    s = x + residual
+    return rms_norm_ref(s, weight, eps), s
+
+
 def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary embedding; x (B, T, H, D), cos/sin (T, D//2) fp32; computed in (at least) fp32."""
+    """Rotate-half rotary embedding; x (B, T, H, D), cos/sin (T, D//2) or (B, T, D//2); in (at least) fp32."""
     half = x.shape[-1] // 2
     x_f = x.to(_compute_dtype(x))
     x1, x2 = x_f[..., :half], x_f[..., half:]
-    c, s = cos.to(x_f.dtype)[None, :, None, :], sin.to(x_f.dtype)[None, :, None, :]
+    c, s = cos.to(x_f.dtype)[..., None, :], sin.to(x_f.dtype)[..., None, :]  # broadcast over heads (and batch)
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def rotary_qk_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k rotated by the same cos/sin."""
+    return rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
+
+
+def linear_cross_entropy_ref(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                             reduction: str = "mean", softcap: float | None = None) -> torch.Tensor:
+    """Cross-entropy of the full logits x @ weight.T (in at least fp32) against targets; "mean" over the targets
+    not ignored (0 when all are)."""
+    logits = F.linear(x, weight).to(_compute_dtype(x))
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    flat = targets.reshape(-1)
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat, ignore_index=ignore_index, reduction="none")
+    if reduction == "none":
+        return losses.view(targets.shape)
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (flat != ignore_index).sum().clamp(min=1)

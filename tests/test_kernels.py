@@ -155,6 +155,7 @@ def test_without_triton_the_references_still_run():
         "               for m in sys.modules), sorted(sys.modules)\n"
         "x = torch.randn(2, 8)\n"
         "assert kernels.swiglu(x, x).shape == x.shape\n"
+        "assert kernels.linear_cross_entropy(x, torch.randn(5, 8), torch.tensor([1, 4]), impl='torch').ndim == 0\n"
         "try:\n"
         "    kernels.swiglu(x, x, impl='triton')\n"
         "except ValueError as e:\n"
@@ -164,9 +165,12 @@ def test_without_triton_the_references_still_run():
     assert result.returncode == 0, result.stderr
     assert "ValueError" in result.stdout and "needs the triton package" in result.stdout, result.stdout
 
+
 def test_public_functions_win_over_submodules_of_the_same_name():
     for name in ("flash_attn_func", "rms_norm", "swiglu", "apply_rotary"):
         assert not isinstance(getattr(kernels, name), types.ModuleType), f"kernels.{name} is a module"
+    assert {"flash_attn_func", "rms_norm", "swiglu", "apply_rotary", "add_rms_norm", "apply_rotary_qk",
+            "linear_cross_entropy"} <= set(kernels.__all__)
     assert not isinstance(kernels.flash_attn_varlen_func, types.ModuleType)
     assert kernels.__all__[:2] == ["flash_attn_func", "flash_attn_varlen_func"]
 
@@ -237,7 +241,8 @@ def _inputs(device="cpu", dtype=torch.float32, b=2, t=19, d=64, f=96):
 def test_custom_ops_are_registered():
     for name in ("flash_attn_fwd", "flash_attn_bwd", "flash_attn_varlen_fwd", "flash_attn_varlen_bwd",
                  "rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd",
-                 "rotary_fwd", "rotary_bwd"):
+                 "rotary_fwd", "rotary_bwd", "linear_ce_fwd", "linear_ce_bwd", "add_rms_norm_fwd", "add_rms_norm_bwd",
+                 "rotary_qk_fwd", "rotary_qk_bwd"):
         assert hasattr(torch.ops.geb, name)
 
 
@@ -296,3 +301,88 @@ def test_reference_block_matches_triton_block():
     """Sanity check of the helper above: both paths agree in eager mode."""
     inputs = _inputs(t=9)
     torch.testing.assert_close(_block(*inputs, impl="triton"), _block(*inputs, impl="torch"), atol=1e-5, rtol=1e-4)
+
+
+def test_add_rms_norm_bad_calls():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="residual.shape"):
+        kernels.add_rms_norm(x, torch.randn(2, 9), torch.ones(8), impl="triton")
+    with pytest.raises(ValueError, match="residual.dtype"):
+        kernels.add_rms_norm(x, x.half(), torch.ones(8), impl="triton")
+    with pytest.raises(ValueError, match="weight.shape"):
+        kernels.add_rms_norm(x, x, torch.ones(7), impl="triton")
+
+
+def test_rotary_qk_bad_calls():
+    q, k = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 2, 16)
+    cos = sin = torch.randn(5, 8)
+    with pytest.raises(ValueError, match="k.shape"):
+        kernels.apply_rotary_qk(q, torch.randn(2, 5, 2, 32), cos, sin, impl="triton")
+    with pytest.raises(ValueError, match=r"cos.shape.*\(T, D // 2\).*\(B, T, D // 2\)"):
+        kernels.apply_rotary_qk(q, k, torch.randn(3, 5, 8), sin, impl="triton")
+    with pytest.raises(ValueError, match="sin.shape"):
+        kernels.apply_rotary_qk(q, k, cos, torch.randn(2, 5, 8), impl="triton")
+    with pytest.raises(ValueError, match="q must be"):
+        kernels.apply_rotary_qk(q[..., :15], k, cos, sin, impl="triton")
+    with pytest.raises(ValueError, match="k.dtype"):
+        kernels.apply_rotary_qk(q, k.half(), cos, sin, impl="triton")
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_linear_cross_entropy_bad_calls(impl):
+    x, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    ce = kernels.linear_cross_entropy
+    with pytest.raises(ValueError, match="reduction"):
+        ce(x, w, t, reduction="avg", impl=impl)
+    with pytest.raises(ValueError, match="softcap"):
+        ce(x, w, t, softcap=0.0, impl=impl)
+    with pytest.raises(ValueError, match="weight must be"):
+        ce(x, w[None], t, impl=impl)
+    with pytest.raises(ValueError, match=r"x must be .* weight.shape\[1\] = 8"):
+        ce(torch.randn(4, 9), w, t, impl=impl)
+    with pytest.raises(ValueError, match="targets.shape"):
+        ce(x, w, t[:3], impl=impl)
+    with pytest.raises(ValueError, match="targets.dtype"):
+        ce(x, w, t.float(), impl=impl)
+    with pytest.raises(ValueError, match="weight.dtype"):
+        ce(x, w.half(), t, impl=impl)
+    with pytest.raises(ValueError, match=r"targets hold 10, outside \[0, vocab = 10\)"):
+        ce(x, w, torch.tensor([0, 10, 1, 2]), impl=impl)
+    with pytest.raises(ValueError, match=r"targets hold -1.*ignore_index \(-100\)"):
+        ce(x, w, torch.tensor([0, -1, 1, 2]), impl=impl)
+
+
+@pytest.mark.interpreter
+def test_new_custom_ops_pass_opcheck():
+    """Schema, fake implementations and dispatch of the fused ops' custom ops, eagerly on CPU."""
+    x, w, t = torch.randn(20, 8), torch.randn(50, 8), torch.randint(0, 50, (20,))
+    for reduction in ("mean", "none"):
+        torch.library.opcheck(torch.ops.geb.linear_ce_fwd, (x, w, t, -100, 0.0, reduction, True, True))
+    torch.library.opcheck(torch.ops.geb.linear_ce_bwd, (torch.randn(20), x, w, t, -100, 0.0, True))
+    torch.library.opcheck(torch.ops.geb.add_rms_norm_fwd, (torch.randn(3, 40), torch.randn(3, 40), torch.randn(40),
+                                                           1e-5))
+    angles = torch.rand(2, 17, 16)
+    torch.library.opcheck(torch.ops.geb.rotary_qk_fwd, (torch.randn(2, 17, 4, 32), torch.randn(2, 17, 2, 32),
+                                                        angles.cos(), angles.sin()))
+
+
+@pytest.mark.interpreter
+def test_compile_fullgraph_traces_the_fused_ops():
+    """add_rms_norm and apply_rotary_qk (the cross-entropy has its own test) under torch.compile(fullgraph=True)."""
+    torch._dynamo.reset()
+
+    def fn(x, r, w, q, k, cos, sin):
+        h, s = kernels.add_rms_norm(x, r, w, 1e-5, impl="triton")
+        q, k = kernels.apply_rotary_qk(q, k, cos, sin, impl="triton")
+        return (h * s).sum() + (q * q).sum() + k.sum()
+
+    angles = torch.rand(2, 9, 8)
+    args = [torch.randn(2, 9, 32), torch.randn(2, 9, 32), torch.randn(32), torch.randn(2, 9, 4, 16),
+            torch.randn(2, 9, 2, 16)]
+    args = [a.requires_grad_() for a in args] + [angles.cos(), angles.sin()]
+    eager = fn(*args)
+    grads_eager = torch.autograd.grad(eager, args[:5])
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+    torch.testing.assert_close(out, eager)
+    for g, g_eager in zip(torch.autograd.grad(out, args[:5]), grads_eager, strict=True):
+        torch.testing.assert_close(g, g_eager)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from kernel_check import assert_rule, poisoned_outputs
 
+import kernels.cross_entropy
 from geb.config import preset
 from geb.model import GEB
 
@@ -20,11 +21,11 @@ def _config(**overrides):
     return preset("tiny", **{**base, **overrides})
 
 
-def _run(model, idx, targets):
-    logits, loss = model(idx, targets)
+def _run(model, idx, targets, logits="all"):
+    out, loss = model(idx, targets, logits=logits)
     # Scaled so parameter gradients are O(0.1-1): at ~1e-4 the rule's absolute slack (1e-5) would hide 10% errors.
     (loss * 1000).backward()
-    return logits, {name: p.grad for name, p in model.named_parameters()}
+    return (loss if out is None else out), {name: p.grad for name, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
@@ -44,6 +45,31 @@ def test_model_triton_matches_torch(norm_position):
     ref_logits, ref_grads = _run(truth, idx, targets)
 
     assert_rule("logits", logits, ref_logits, same_logits)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert grad is not None, f"{name}: no gradient through the Triton path"
+        assert_rule(f"grad {name}", grad, ref_grads[name], same_grads[name])
+
+
+def test_model_triton_loss_only_matches_torch(monkeypatch):
+    """logits="none": the Triton linear cross-entropy (and add_rms_norm, one-launch rotary) in the whole model, loss
+    and every parameter gradient against the same model on the references, fp64 model as the ground truth."""
+    monkeypatch.setattr(kernels.cross_entropy, "MIN_CHUNK", 16)  # 42 tokens in three chunks
+    torch.manual_seed(3)
+    config = _config(vocab_size=1000)
+    model = GEB(config, impl="triton")
+    reference = GEB(config, impl="torch")
+    reference.load_state_dict(model.state_dict())
+    truth = copy.deepcopy(reference).double()
+    idx = torch.randint(0, config.vocab_size, (2, 21))
+    targets = torch.randint(0, config.vocab_size, (2, 21))
+    targets[1, 5:12] = -1
+
+    with poisoned_outputs():
+        loss, grads = _run(model, idx, targets, logits="none")
+    same_loss, same_grads = _run(reference, idx, targets, logits="none")
+    ref_loss, ref_grads = _run(truth, idx, targets, logits="none")
+    assert_rule("loss", loss, ref_loss, same_loss)
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
         assert grad is not None, f"{name}: no gradient through the Triton path"
