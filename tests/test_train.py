@@ -103,7 +103,10 @@ def test_fsdp_matches_ddp(data_dir, fsdp_run, tmp_path, tied):
     assert tokenizer == fsdp_out / "tokenizer.model"
     assert (fsdp_model.lm_head.weight is fsdp_model.embed_tokens.weight) == (tied == "true")
     for (name, a), b in zip(fsdp_model.state_dict().items(), ddp_model.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        # AdamW divides by sqrt(v): where a gradient is near zero, reduction-order round-off in it moves that weight
+        # by a visible fraction of lr (seen: 1.3e-5 in one embedding element of the untied model); a wrong shard or
+        # a missed reduction moves weights by ~lr * steps = 2e-2.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5, msg=name)
 
 
 def test_fsdp_resume_is_bit_identical_on_two_ranks_and_continues_on_one(data_dir, fsdp_run, tmp_path):
