@@ -104,8 +104,8 @@ def test_gguf_export_errors(tiny_run, tmp_path, capsys):
         main(["gguf", "--ckpt", str(tiny_run.run_dir), "--out", str(tmp_path / "y.gguf"),
               "--tokenizer", str(tmp_path / "missing.model")])
     with pytest.raises(SystemExit) as exit_info:
-        main(["gguf", "--ckpt", str(tiny_run.run_dir), "--out", str(tmp_path / "y.gguf"), "--type", "q4_0"])
-    assert exit_info.value.code == 2 and "invalid choice: 'q4_0'" in capsys.readouterr().err
+        main(["gguf", "--ckpt", str(tiny_run.run_dir), "--out", str(tmp_path / "y.gguf"), "--type", "q5_k"])
+    assert exit_info.value.code == 2 and "invalid choice: 'q5_k'" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # nothing written, not even a temporary file
 
 
