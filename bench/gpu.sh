@@ -2,10 +2,11 @@
 # Every GPU-only figure of BENCHMARKS.md in one go: environment, GPU tests, kernel benchmarks, training throughput.
 #   bash bench/gpu.sh OUT_DIR [tests|kernels|train|all]    (on an H100: ~4, ~5 and ~6 minutes)
 #   bash bench/gpu.sh OUT_DIR fused    the fused ops and a geb-1.3b step at batch 16 (under 4 minutes; not in all)
+#   bash bench/gpu.sh OUT_DIR attention    attention and varlen TFLOP/s against SDPA and FlexAttention (not in all)
 # Liger-Kernel, when its wheel is in .whl/, is installed to a scratch dir first (a comparison point only).
 # Exits non-zero when a step fails or runs out of time; the later steps still run.
 set -uo pipefail
-out=$(realpath -m "${1:?usage: bash bench/gpu.sh OUT_DIR [tests|kernels|train|fused|all]}")
+out=$(realpath -m "${1:?usage: bash bench/gpu.sh OUT_DIR [tests|kernels|train|fused|attention|all]}")
 what=${2:-all}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
