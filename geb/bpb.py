@@ -98,7 +98,7 @@ def _nll_windows(model: nn.Module, windows: Batches, device, progress: Progress 
     total, count = 0.0, 0
     for inputs, targets, *positions in windows:
         inputs, targets = inputs.to(device), targets.to(device).long()
-        logits, _ = model(inputs, positions=positions[0].to(device) if positions else None)
+        logits, _ = model(inputs, positions=positions[0].to(device)) if positions else model(inputs)
         mask = targets >= 0
         nll = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
         total += nll.double().sum().item()  # fp64 sum: a split has millions of terms

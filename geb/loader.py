@@ -171,8 +171,8 @@ def segments(positions: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The segments of a (B, T) positions batch flattened to B*T tokens: int32 cumulative lengths (a segment starts
     where the position is 0) and the longest length, as `kernels.flash_attn_varlen_func` takes them."""
     if positions.dim() != 2 or positions.shape[1] == 0 or bool((positions[:, 0] != 0).any()):
-        raise ValueError(f"positions must be (B, T) and 0 at the start of every row, got shape "
-                         f"{tuple(positions.shape)}")
+        raise ValueError(f"positions must be 0 at the start of every row of a (B, T) batch (shape "
+                         f"{tuple(positions.shape)})")
     flat = positions.reshape(-1)
     starts = torch.nonzero(flat == 0).flatten()
     cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
