@@ -76,6 +76,7 @@ class TrainConfig:
     zero: bool = False  # shard AdamW state across ranks (ZeroRedundancyOptimizer)
     fsdp: bool = False  # shard parameters, gradients and AdamW state across ranks (FSDP2); sharded checkpoints
     ac: str = "none"  # activation checkpointing: none, full (every block) or selective (every 2nd block)
+    doc_mask: bool = False  # attention within each packed document (RoPE positions restart there), train and eval
     # GEB's loss-spike countermeasures
     spike_factor: float = 3.0  # replace a micro-batch whose loss > factor x running mean (0 = off)
     max_replacements: int = 4  # per micro-step
@@ -359,14 +360,15 @@ def micro_step(run: Run, micro: int, poison_first: bool = False) -> tuple[float,
     sync = run.world_size == 1 or micro == cfg.grad_accum - 1
     replaced = 0
     for attempt in range(cfg.max_replacements + 1):
-        inputs, targets = next(run.loader)
+        inputs, targets, *positions = next(run.loader)  # positions with --doc-mask
         if run.world_size > 1 and state.step == 0 and micro == 0 and attempt == 0:
             distinct = not check_across_ranks(fingerprint([inputs]).to(run.device), run.world_size)
             if run.master:
                 print(f"first batch differs across ranks: {distinct}", flush=True)
         inputs, targets = inputs.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
         with grad_sync(run, sync), autocast(run.device):
-            _, loss = run.model(inputs, targets, logits="none")
+            _, loss = run.model(inputs, targets, logits="none",
+                                positions=positions[0].to(run.device) if positions else None)
             if poison_first and attempt == 0:
                 loss = loss * float("nan")
         value = loss.item()
@@ -541,7 +543,7 @@ def evaluate(run: Run) -> None:
     with autocast(run.device):
         result = bits_per_byte(run.raw_model, cfg.data, split="val", seq_len=run.seq_len, batch_size=cfg.batch_size,
                                max_tokens=cfg.eval_tokens or None, device=run.device, rank=run.rank,
-                               world_size=run.world_size)
+                               world_size=run.world_size, doc_mask=cfg.doc_mask)
     log(run, {"step": run.state.step, "val_loss": result["loss"], "val_bpb": result["bpb"]})
     if run.master:
         print(f"step {run.state.step}: val loss {result['loss']:.4f}, val bpb {result['bpb']:.4f}", flush=True)
@@ -628,7 +630,7 @@ def main(argv: list[str] | None = None) -> None:
     model = GEB(model_config).to(device)
     parallelize(model, device, fsdp=cfg.fsdp and world_size > 1, ac=cfg.ac, compile=cfg.compile)
     loader = TokenLoader(cfg.data, "train", seq_len, cfg.batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
-                         model_vocab_size=model_config.vocab_size)
+                         model_vocab_size=model_config.vocab_size, doc_mask=cfg.doc_mask)
     optimizer = build_optimizer(model, cfg, world_size)
     run = Run(cfg, model=model, raw_model=model, optimizer=optimizer, loader=loader, seq_len=seq_len, device=device,
               rank=rank, world_size=world_size, embedding_shrink=EmbeddingGradShrink(model),

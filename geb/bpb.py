@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from geb.loader import iter_eval_windows, read_manifest, split_bytes
 from geb.tokenizer import Tokenizer
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (inputs, targets) pairs; a target < 0 is not scored
+# (inputs, targets) or, for a model trained with document masking, (inputs, targets, positions); a target < 0 is not
+# scored
+Batches = Iterable[tuple[torch.Tensor, ...]]
 
 
 class EvalError(ValueError):
@@ -92,11 +94,11 @@ def check_seq_len(model: nn.Module, seq_len: int | None) -> int:
 
 @torch.inference_mode()
 def _nll_windows(model: nn.Module, windows: Batches, device, progress: Progress | None) -> tuple[float, int]:
-    """Σ NLL (nats) and the number of scored targets (>= 0) over (inputs, targets) batches."""
+    """Σ NLL (nats) and the number of scored targets (>= 0) over (inputs, targets[, positions]) batches."""
     total, count = 0.0, 0
-    for inputs, targets in windows:
+    for inputs, targets, *positions in windows:
         inputs, targets = inputs.to(device), targets.to(device).long()
-        logits, _ = model(inputs)
+        logits, _ = model(inputs, positions=positions[0].to(device)) if positions else model(inputs)
         mask = targets >= 0
         nll = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
         total += nll.double().sum().item()  # fp64 sum: a split has millions of terms
@@ -146,7 +148,7 @@ def bits_per_byte_text(model: nn.Module, tokenizer: Tokenizer | str | os.PathLik
 
 def bits_per_byte(model: nn.Module, data_dir: str | os.PathLike, split: str = "val", seq_len: int | None = None,
                   batch_size: int = 8, max_tokens: int | None = None, device: str | torch.device = "cpu",
-                  progress: bool = False, rank: int = 0, world_size: int = 1) -> dict:
+                  progress: bool = False, rank: int = 0, world_size: int = 1, doc_mask: bool = False) -> dict:
     """bpb of a prepared corpus split: Σ NLL / (ln 2 × UTF-8 bytes), the bytes read from the manifest.
 
     Every token of the split (documents and their EOS) is scored once, in windows of seq_len, in order. With
@@ -154,7 +156,9 @@ def bits_per_byte(model: nn.Module, data_dir: str | os.PathLike, split: str = "v
     which assumes the scored prefix has the split's average bytes per token. With world_size > 1 (call it on every
     rank of an initialized process group) each rank scores every world_size-th batch and the sums are all-reduced;
     every rank makes the same number of forward calls (the last round is padded with a batch that scores nothing),
-    as a sharded (FSDP) model's all-gathers need. Returns loss (nats/token), bpb, tokens, bytes, ppl and split_tokens.
+    as a sharded (FSDP) model's all-gathers need. doc_mask=True (for a model trained with --doc-mask) scores each
+    document alone: the model gets the windows' per-token positions, attention stays within documents.
+    Returns loss (nats/token), bpb, tokens, bytes, ppl and split_tokens.
     """
     m = read_manifest(data_dir, model_vocab_size=model.config.vocab_size)
     if split not in m["splits"]:
@@ -167,7 +171,7 @@ def bits_per_byte(model: nn.Module, data_dir: str | os.PathLike, split: str = "v
     total = m["splits"][split]["tokens"]
     with eval_mode(model):
         bar = Progress(-(-min(total, max_tokens or total) // world_size), f"{split} bpb", progress)
-        windows = rank_windows(data_dir, split, seq_len, batch_size, max_tokens, rank, world_size, total)
+        windows = rank_windows(data_dir, split, seq_len, batch_size, max_tokens, rank, world_size, total, doc_mask)
         nll, tokens = _nll_windows(model, windows, device, bar)
         bar.close()
     if world_size > 1:
@@ -180,9 +184,10 @@ def bits_per_byte(model: nn.Module, data_dir: str | os.PathLike, split: str = "v
 
 
 def _split_windows(data_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int, max_tokens: int | None,
-                   rank: int, world_size: int) -> Batches:
+                   rank: int, world_size: int, doc_mask: bool = False) -> Batches:
     """This rank's eval windows of the split, with targets past the first max_tokens tokens masked out."""
-    for k, (inputs, targets) in enumerate(iter_eval_windows(data_dir, split, seq_len, batch_size, rank, world_size)):
+    windows = iter_eval_windows(data_dir, split, seq_len, batch_size, rank, world_size, doc_mask=doc_mask)
+    for k, (inputs, targets, *positions) in enumerate(windows):
         if max_tokens is not None:
             # Windows are consecutive: target (row r, column t) of batch b is token (b*B + r)*T + t of the split.
             first = (rank + k * world_size) * batch_size * seq_len
@@ -190,7 +195,7 @@ def _split_windows(data_dir: str | os.PathLike, split: str, seq_len: int, batch_
                 break
             pos = first + torch.arange(targets.numel()).view(targets.shape)
             targets = targets.masked_fill(pos >= max_tokens, -1)
-        yield inputs, targets
+        yield inputs, targets, *positions
 
 
 def eval_calls(split_tokens: int, seq_len: int, batch_size: int, max_tokens: int | None, world_size: int) -> int:
@@ -204,12 +209,13 @@ def eval_calls(split_tokens: int, seq_len: int, batch_size: int, max_tokens: int
 
 
 def rank_windows(data_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int, max_tokens: int | None,
-                 rank: int, world_size: int, split_tokens: int) -> Batches:
+                 rank: int, world_size: int, split_tokens: int, doc_mask: bool = False) -> Batches:
     """This rank's eval batches, then padding batches (one row, no scored target) up to eval_calls batches."""
     calls = eval_calls(split_tokens, seq_len, batch_size, max_tokens, world_size)
     made = 0
-    for batch in _split_windows(data_dir, split, seq_len, batch_size, max_tokens, rank, world_size):
+    for batch in _split_windows(data_dir, split, seq_len, batch_size, max_tokens, rank, world_size, doc_mask):
         made += 1
         yield batch
+    pad = (torch.arange(seq_len)[None],) if doc_mask else ()  # one document of padding tokens
     for _ in range(calls - made):
-        yield torch.zeros(1, seq_len, dtype=torch.long), torch.full((1, seq_len), -1, dtype=torch.long)
+        yield torch.zeros(1, seq_len, dtype=torch.long), torch.full((1, seq_len), -1, dtype=torch.long), *pad

@@ -157,16 +157,24 @@ def load_for_eval(args: argparse.Namespace, need_tokenizer: bool) -> tuple[nn.Mo
     return model, tok_path
 
 
-def recorded_data_dir(ckpt: str | os.PathLike) -> str | None:
-    """The data dir the checkpoint was trained on (train.py records it), or None (nothing recorded, HF export)."""
-    # Reads the checkpoint a second time (load_model does not return its state); only --bpb without --data asks.
+def recorded_state(ckpt: str | os.PathLike) -> dict:
+    """The checkpoint's state as train.py saved it ({} for an HF export)."""
+    # Reads the checkpoint a second time (load_model does not return its state); only --bpb asks.
     ckpt = Path(ckpt)
     if ckpt.is_dir():
         latest = load_latest(ckpt)  # the checkpoint load_model took; None for an HF export
-        state = latest[1] if latest else {}
-    else:
-        state = load_checkpoint(ckpt)
-    return state.get("data_dir") or None
+        return latest[1] if latest else {}
+    return load_checkpoint(ckpt)
+
+
+def recorded_data_dir(ckpt: str | os.PathLike) -> str | None:
+    """The data dir the checkpoint was trained on (train.py records it), or None (nothing recorded, HF export)."""
+    return recorded_state(ckpt).get("data_dir") or None
+
+
+def recorded_doc_mask(ckpt: str | os.PathLike) -> bool:
+    """Whether the checkpoint was trained with --doc-mask (then its bpb scores each document alone)."""
+    return bool((recorded_state(ckpt).get("train_config") or {}).get("doc_mask"))
 
 
 def bpb_data_dir(data: str | None, ckpt: str | os.PathLike, tok_path: Path | None) -> str:
@@ -209,8 +217,11 @@ def evaluate(args: argparse.Namespace, model: nn.Module, tok_path: Path | None, 
     if args.bpb:
         data = bpb_data_dir(args.data, args.ckpt, tok_path)
         key = f"bpb_{args.split}"
+        doc_mask = recorded_doc_mask(args.ckpt)
+        if doc_mask:
+            log("bpb: each document scored alone (the model was trained with --doc-mask)")
         results[key] = bits_per_byte(model, data, args.split, args.seq_len, args.batch_size, args.max_tokens,
-                                     args.device, progress=True)
+                                     args.device, progress=True, doc_mask=doc_mask)
         results[key]["source"] = f"{data} ({args.split})"
     if tasks:
         results["tasks"] = run_tasks(model, tokenizer, tasks, args.limit, args.batch_size, args.device,

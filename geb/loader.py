@@ -170,10 +170,11 @@ def doc_positions(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
 def segments(positions: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The segments of a (B, T) positions batch flattened to B*T tokens: int32 cumulative lengths (a segment starts
     where the position is 0) and the longest length, as `kernels.flash_attn_varlen_func` takes them."""
+    if positions.dim() != 2 or positions.shape[1] == 0 or bool((positions[:, 0] != 0).any()):
+        raise ValueError(f"positions must be 0 at the start of every row of a (B, T) batch (shape "
+                         f"{tuple(positions.shape)})")
     flat = positions.reshape(-1)
     starts = torch.nonzero(flat == 0).flatten()
-    if starts.numel() == 0 or int(starts[0]) != 0:
-        raise ValueError("positions must be 0 at the start of every row")
     cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
     return cu, int(cu.diff().max())
 

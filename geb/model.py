@@ -8,15 +8,17 @@ import torch.nn.functional as F
 
 import kernels
 from geb.config import ModelConfig
+from geb.loader import segments
 
 LOGITS = ("all", "last", "none")  # what GEB.forward returns as logits
+Segments = tuple[torch.Tensor, int]  # (int32 cu_seqlens of the B*T tokens, longest segment): geb.loader.segments
 
 
 def rope_cos_sin(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (T, head_dim // 2) for positions (T,), computed in fp32."""
+    """cos and sin of shape (*positions.shape, head_dim // 2) for positions (T,) or (B, T), computed in fp32."""
     # GEB keeps positions in fp32: in bf16, positions above 256 collide and the angles repeat.
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -84,16 +86,23 @@ class Attention(nn.Module):
         kv_dim = self.n_kv_heads * self.head_dim
         return self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, d_model); cos/sin (T, head_dim // 2); input_pos (T,), the positions written to the KV cache."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None = None,
+                segs: Segments | None = None) -> torch.Tensor:
+        """x (B, T, d_model); cos/sin (T, head_dim // 2) or per token (B, T, head_dim // 2); input_pos (T,), the
+        positions written to the KV cache; segs, attention only within these segments of the B*T tokens."""
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.view(b, t, self.n_heads, self.head_dim)
         k = k.view(b, t, self.n_kv_heads, self.head_dim)
         v = v.view(b, t, self.n_kv_heads, self.head_dim)
         q, k = kernels.apply_rotary_qk(q, k, cos, sin, impl=self.impl)
-        if self.kv_cache is None:
+        if segs is not None:
+            cu, longest = segs
+            y = kernels.flash_attn_varlen_func(q.reshape(b * t, self.n_heads, self.head_dim),
+                                               k.reshape(b * t, self.n_kv_heads, self.head_dim),
+                                               v.reshape(b * t, self.n_kv_heads, self.head_dim),
+                                               cu, cu, longest, longest, causal=True, impl=self.impl)
+        elif self.kv_cache is None:
             y = kernels.flash_attn_func(q, k, v, causal=True, impl=self.impl)
         else:
             # gpt-fast's shape: attend over the whole preallocated cache with a mask, so every decode step has the
@@ -139,15 +148,16 @@ class Block(nn.Module):
         self.post_norm = config.norm_position == "post"
 
     def forward(self, x: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                input_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                input_pos: torch.Tensor | None = None,
+                segs: Segments | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(residual stream, pending): pre-norm, the stream is x + pending, `pending` being the previous block's
         output not yet added, so that the add and the next RMSNorm run as one kernel (add_rms_norm); post-norm
         returns the block's output and None."""
         if self.post_norm:
-            x = self.input_layernorm(x + self.dropout(self.self_attn(x, cos, sin, input_pos)))
+            x = self.input_layernorm(x + self.dropout(self.self_attn(x, cos, sin, input_pos, segs)))
             return self.post_attention_layernorm(x + self.dropout(self.mlp(x))), None
         h, x = add_norm(pending, x, self.input_layernorm)
-        h, x = add_norm(self.dropout(self.self_attn(h, cos, sin, input_pos)), x, self.post_attention_layernorm)
+        h, x = add_norm(self.dropout(self.self_attn(h, cos, sin, input_pos, segs)), x, self.post_attention_layernorm)
         return x, self.dropout(self.mlp(h))
 
 
@@ -218,13 +228,19 @@ class GEB(nn.Module):
             layer.self_attn.kv_cache = None
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
-                *, logits: str = "all") -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                *, logits: str = "all", positions: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits and, when targets (B, T) are given, the mean cross-entropy over targets >= 0.
 
         input_pos (T,): the positions of idx's tokens (default 0..T-1); required with a KV cache, whose entries at
         input_pos are written. logits: "all" (B, T, vocab); "last" (B, 1, vocab), only the last position through the
         LM head (a prefill needs nothing more); "none": None, for a loss only, computed by
         kernels.linear_cross_entropy without materializing the logits.
+
+        positions (B, T): packed documents (training and evaluation, no KV cache), each token's position in its
+        document, 0 where one starts (geb.loader.doc_positions): RoPE rotates by them and attention stays within
+        each document (kernels.flash_attn_varlen_func). Reading the segment boundaries from them is a host sync
+        when they are on a GPU (one per forward).
         """
         if logits not in LOGITS:
             raise ValueError(f"logits must be one of {', '.join(map(repr, LOGITS))}, got {logits!r}")
@@ -232,12 +248,16 @@ class GEB(nn.Module):
             raise ValueError("logits='last' computes no loss: pass targets with logits='all' or 'none'")
         if logits == "none" and targets is None:
             raise ValueError("logits='none' returns only the loss: it needs targets")
-        positions = self._positions(idx, input_pos)
+        segs = None
+        if positions is None:
+            positions = self._positions(idx, input_pos)
+        else:
+            segs = self._segments(idx, input_pos, positions)
         x = self.dropout(self.embed_tokens(idx))
         cos, sin = rope_cos_sin(self.config.head_dim, positions, self.config.rope_theta)
         pending = None
         for layer in self.layers:
-            x, pending = layer(x, pending, cos, sin, input_pos)
+            x, pending = layer(x, pending, cos, sin, input_pos, segs)
         if logits == "last":
             return self.lm_head(add_norm(_last(pending), x[:, -1:], self.norm)[0]), None
         h, _ = add_norm(pending, x, self.norm)
@@ -270,6 +290,18 @@ class GEB(nn.Module):
                 raise ValueError(f"position {last} is past the KV cache of {cache.k.shape[1]} positions "
                                  "(setup_kv_cache max_seq_len)")
         return input_pos
+
+
+    def _segments(self, idx: torch.Tensor, input_pos: torch.Tensor | None, positions: torch.Tensor) -> Segments:
+        """The segments of packed positions (B, T), checked against idx, input_pos and the KV cache."""
+        if input_pos is not None or self.layers[0].self_attn.kv_cache is not None:
+            raise ValueError("positions (packed documents) is for training and evaluation: not with input_pos or a "
+                             "KV cache")
+        if tuple(positions.shape) != tuple(idx.shape):
+            raise ValueError(f"positions must have idx's shape {tuple(idx.shape)}, got {tuple(positions.shape)}")
+        if idx.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of {idx.shape[1]} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        return segments(positions)
 
 
 def _last(pending: torch.Tensor | None) -> torch.Tensor | None:

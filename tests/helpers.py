@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from geb.config import ModelConfig
+from geb.loader import doc_positions
 from geb.model import GEB
 
 CORPUS = Path(__file__).parent / "fixtures" / "corpus"
@@ -54,3 +55,39 @@ class Uniform(nn.Module):
 
     def forward(self, idx, targets=None):
         return torch.zeros(*idx.shape, self.config.vocab_size), None
+
+
+def packed_batch(lengths_per_row: list[list[int]], vocab: int = 97, eos: int = 2, seed: int = 0):
+    """idx, targets and positions of rows of packed documents: each segment is EOS + a document's tokens, except a
+    row's first, which may continue a document (as the loader cuts windows), and a few targets are -100."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for lengths in lengths_per_row:
+        row = []
+        for i, n in enumerate(lengths):
+            body = torch.randint(3, vocab, (n,), generator=g).tolist()
+            row += body if i == 0 else [eos] + body
+        rows.append(row)
+    assert len({len(r) for r in rows}) == 1
+    idx = torch.tensor(rows)
+    targets = torch.randint(3, vocab, idx.shape, generator=g)
+    targets[0, 3] = targets[-1, -2] = -100
+    return idx, targets, doc_positions(idx, eos)
+
+
+def run_alone(model, idx, targets, positions, **kwargs):
+    """Logits of every segment run alone through the model (no positions), concatenated back into (B, T, vocab),
+    and the mean loss over the scored targets: Σ each segment's loss × its scored targets / all scored targets."""
+    rows, nll, count = [], 0.0, 0
+    for r in range(idx.shape[0]):
+        starts = torch.nonzero(positions[r] == 0).flatten().tolist() + [idx.shape[1]]
+        parts = []
+        for s, e in zip(starts[:-1], starts[1:], strict=True):
+            logits, loss = model(idx[r:r + 1, s:e], targets[r:r + 1, s:e], **kwargs)
+            n = int((targets[r, s:e] >= 0).sum())
+            if n:
+                nll, count = nll + loss * n, count + n
+            parts.append(logits)
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows), nll / count
+

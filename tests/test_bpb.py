@@ -126,3 +126,44 @@ def test_bpb_ranks_add_up_to_one_pass_in_equal_calls(tiny_model, data_dir, max_t
     assert sum(p[0] for p in parts) == pytest.approx(one[0], rel=1e-6)
     # Every rank makes the same number of forward calls (FSDP all-gathers would hang otherwise), in whole rounds.
     assert {p[2] for p in parts} == {-(-one[2] // world_size)}
+
+
+def test_bpb_split_doc_mask_scores_each_document_alone(tiny_model, data_dir):
+    """doc_mask=True: the split's bpb is the model's loss over [EOS] + the split's tokens in consecutive windows,
+    each window cut at every EOS into segments that the model scores alone (as trained with --doc-mask)."""
+    m = read_manifest(data_dir)
+    eos = m["tokenizer"]["eos_id"]
+    shards = [pa.ipc.open_file(pa.memory_map(str(data_dir / e["file"]))).read_all().column("tokens").to_pylist()
+              for e in m["splits"]["val"]["shards"]]
+    stream = [eos] + [t for shard in shards for t in shard]
+    seq_len, total, most = 32, 0.0, 0
+    for s in range(0, len(stream) - 1, seq_len):
+        window = stream[s:s + seq_len + 1]
+        cuts = [0] + [i for i in range(1, len(window) - 1) if window[i] == eos] + [len(window) - 1]
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            seg = torch.tensor(window[a:b + 1])
+            _, loss = tiny_model(seg[None, :-1], seg[None, 1:])
+            total += loss.item() * (b - a)
+        most = max(most, len(cuts) - 1)
+    assert most >= 3  # windows of several documents
+    res = bits_per_byte(tiny_model, data_dir, "val", seq_len=seq_len, batch_size=5, doc_mask=True)
+    plain = bits_per_byte(tiny_model, data_dir, "val", seq_len=seq_len, batch_size=5)
+    assert res["tokens"] == plain["tokens"] == len(stream) - 1
+    assert res["loss"] == pytest.approx(total / res["tokens"], rel=1e-5)
+    assert res["loss"] != pytest.approx(plain["loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("max_tokens", [None, 50])
+def test_bpb_doc_mask_ranks_add_up_to_one_pass(tiny_model, data_dir, max_tokens):
+    """With doc_mask the padding batch of the last round carries positions too."""
+    split_tokens = read_manifest(data_dir)["splits"]["val"]["tokens"]
+
+    def nll(rank, world_size):
+        windows = list(rank_windows(data_dir, "val", 16, 3, max_tokens, rank, world_size, split_tokens, True))
+        assert all(len(w) == 3 for w in windows)
+        return *_nll_windows(tiny_model, windows, "cpu", None), len(windows)
+
+    one, parts = nll(0, 1), [nll(r, 3) for r in range(3)]
+    assert sum(p[1] for p in parts) == one[1] == min(max_tokens or 10**9, split_tokens)
+    assert sum(p[0] for p in parts) == pytest.approx(one[0], rel=1e-6)
+    assert {p[2] for p in parts} == {-(-one[2] // 3)}

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from helpers import corpus_text
 
-from geb.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from geb.bpb import bits_per_byte
+from geb.checkpoint import list_checkpoints, load_checkpoint, load_model, save_checkpoint
 from geb.data import prepare
 from geb.eval import main, tensorboard_scalars
 
@@ -132,3 +133,20 @@ def test_cli_bpb_falls_back_to_data_default_and_says_why(tiny_run, two_data_dirs
     assert got["source"] == f"{trained_on} (val)" and got["bpb"] != want["bpb"]
     err = capsys.readouterr().err
     assert f"bpb data: {trained_on} (the tokenizer's data dir; the checkpoint records no data dir)" in err, err
+
+
+def test_cli_bpb_scores_documents_alone_for_a_doc_mask_run(tiny_run, two_data_dirs, tmp_path, capsys):
+    """A checkpoint trained with --doc-mask (its train_config says so) has --bpb score each document alone."""
+    data = two_data_dirs[0]
+    plain = copy_run(tiny_run, tmp_path / "plain")
+    masked = copy_run(tiny_run, tmp_path / "masked")
+    state = load_checkpoint(list_checkpoints(masked)[-1])
+    state["train_config"] = {"doc_mask": True}
+    save_checkpoint(masked, state["step"], state)
+    got = eval_json(["--ckpt", masked, "--bpb", "--data", data], tmp_path / "masked.json")["bpb_val"]
+    assert "each document scored alone" in capsys.readouterr().err
+    without = eval_json(["--ckpt", plain, "--bpb", "--data", data], tmp_path / "plain.json")["bpb_val"]
+    model, _ = load_model(plain)
+    expected = bits_per_byte(model.eval(), data, doc_mask=True)
+    assert got["bpb"] == pytest.approx(expected["bpb"], rel=1e-6) and got["tokens"] == expected["tokens"]
+    assert without["bpb"] != pytest.approx(got["bpb"], rel=1e-4)

@@ -399,3 +399,5 @@ def test_segments_are_varlen_cumulative_lengths():
     assert cu.dtype == torch.int32 and cu.tolist() == [0, 2, 5, 6, 8, 12, 16] and longest == 4
     with pytest.raises(ValueError, match="positions must be 0"):
         segments(pos[:, 1:])
+    with pytest.raises(ValueError, match="positions must be 0"):  # a segment would run on into the next row
+        segments(torch.cat([pos[:1], pos[1:].roll(1, -1)]))

@@ -3,11 +3,11 @@ the one forward path: logits "all"/"last"/"none", positions, and KV-cache decodi
 
 import pytest
 import torch
-from helpers import small_config
+from helpers import packed_batch, run_alone, small_config
 
 import kernels.cross_entropy
 from geb.config import preset
-from geb.model import GEB
+from geb.model import GEB, rope_cos_sin
 
 
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
@@ -234,3 +234,49 @@ def test_sequence_longer_than_context_is_refused():
     model = GEB(small_config(max_seq_len=16), impl="torch")
     with pytest.raises(ValueError, match="sequence of 17 tokens exceeds max_seq_len 16"):
         model(torch.randint(0, 97, (1, 17)))
+
+
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_packed_documents_equal_each_document_alone(norm_position, monkeypatch):
+    """positions: RoPE restarts and attention stays within each document, so the packed rows give the logits, the
+    loss and the gradients of the documents run one by one."""
+    torch.manual_seed(5)
+    model = GEB(small_config(norm_position=norm_position), impl="torch")
+    idx, targets, positions = packed_batch([[5, 1, 17, 30, 4], [40, 20]])
+    tables = []
+    rotary = kernels.apply_rotary_qk
+    monkeypatch.setattr(kernels, "apply_rotary_qk", lambda q, k, cos, sin, **kw: (tables.append(cos),
+                                                                                  rotary(q, k, cos, sin, **kw))[1])
+    logits, loss = model(idx, targets, positions=positions)
+    # RoPE is relative, so within-document attention alone would hide rotating by the row's positions: check the
+    # tables are the per-token ones (angles as small as when each document runs alone).
+    assert len(tables) == 2 and torch.equal(tables[0], rope_cos_sin(16, positions, 10000.0)[0])
+    monkeypatch.undo()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    alone_logits, alone_loss = run_alone(model, idx, targets, positions)
+    alone_loss.backward()
+    torch.testing.assert_close(logits, alone_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, alone_loss, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        assert grads[name].abs().max() > 0, f"{name}: no gradient"
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    _, fused = model(idx, targets, logits="none", positions=positions)
+    torch.testing.assert_close(fused, loss, rtol=1e-5, atol=1e-6)
+    plain, _ = model(idx)  # without positions: one causal sequence per row, the documents see each other
+    assert not torch.allclose(plain[:, 6:], logits[:, 6:], atol=1e-3)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(positions=torch.arange(8)[None].expand(2, 8)), r"positions must have idx's shape \(1, 8\)"),
+    (dict(positions=torch.arange(8)[None] + 1), "0 at the start of every row"),
+    (dict(positions=torch.arange(8)[None], input_pos=torch.arange(8)), "not with input_pos or a KV cache"),
+])
+def test_bad_positions_are_named(kwargs, fragment):
+    model = GEB(small_config(max_seq_len=24), impl="torch")
+    with pytest.raises(ValueError, match=fragment):
+        model(torch.randint(0, 97, (1, 8)), **kwargs)
+    model.setup_kv_cache(1, 16)
+    with pytest.raises(ValueError, match="not with input_pos or a KV cache"):
+        model(torch.randint(0, 97, (1, 8)), positions=torch.arange(8)[None])

@@ -180,6 +180,20 @@ def test_exact_resume_is_bit_identical(data_dir, tmp_path):
     assert parts == full  # exact float equality, step by step
 
 
+def test_doc_mask_run_is_recorded_and_resumes_exactly(data_dir, tmp_path):
+    """--doc-mask: recorded in config.json and the checkpoint, evaluated, and a resumed run repeats the losses."""
+    common = ["--max-steps", "4", "--save-every", "100", "--eval-every", "4", "--doc-mask"]
+    train(data_dir, tmp_path / "full", *common)
+    train(data_dir, tmp_path / "parts", *common, "--run-steps", "2")
+    proc = train(data_dir, tmp_path / "parts", *common)
+    assert "resuming from" in proc.stdout
+    assert train_losses(tmp_path / "parts") == train_losses(tmp_path / "full")
+    assert len(train_losses(tmp_path / "full")) == 4
+    assert any("val_bpb" in r for r in metrics(tmp_path / "parts"))
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["train"]["doc_mask"] is True
+    assert torch.load(tmp_path / "full" / "ckpt-0000004.pt", weights_only=False)["train_config"]["doc_mask"] is True
+
+
 def test_sigterm_saves_and_exits_zero(data_dir, tmp_path):
     out = tmp_path / "sig"
     args = ["--data", str(data_dir), "--out", str(out), "--batch-size", "2", "--seq-len", "32", "--log-every", "1",
