@@ -26,24 +26,18 @@ from geb.data import prepare_aligned
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-COLOURS = ("red", "blue", "green")
-PLAIN = [w for w in WORDS if w not in COLOURS]
-QUESTION = "Is there a colour in: "
-
-
-def sentence(rng: random.Random, colour: bool) -> str:
-    """Four words; with colour=True one of them is a colour word."""
-    words = rng.sample(PLAIN, 4)
-    if colour:
-        words[rng.randrange(4)] = rng.choice(COLOURS)
-    return " ".join(words)
+KEYS = ("red", "blue", "green", "cold", "warm", "sun", "rock", "rain", "snow", "wind")  # the first half answer yes
+PLAIN = [w for w in WORDS if w not in KEYS]
+QUESTION = "Is the last word good: "
 
 
 def items(n: int, seed: int, exclude: set[str] = frozenset()) -> list[tuple[str, str]]:
-    """n balanced (sentence, label) items, none of whose sentences is in exclude."""
+    """n balanced (sentence, label) items, none of whose sentences is in exclude: three filler words and a key word
+    last, labelled by the key."""
     rng, out = random.Random(seed), []
     while len(out) < n:
-        s = sentence(rng, colour=len(out) % 2 == 0)
+        key = rng.choice(KEYS[:5] if len(out) % 2 == 0 else KEYS[5:])
+        s = " ".join(rng.sample(PLAIN, 3) + [key])
         if s not in exclude:
             out.append((s, "yes" if len(out) % 2 == 0 else "no"))
     return out
@@ -51,8 +45,6 @@ def items(n: int, seed: int, exclude: set[str] = frozenset()) -> list[tuple[str,
 
 def user(s: str) -> list[dict]:
     return [{"role": "user", "content": QUESTION + s}]
-
-
 @pytest.fixture(scope="module")
 def task(tmp_path_factory, tokenizer_file) -> dict:
     """The synthetic task's chat and preference directories and held-out multiple-choice items."""
@@ -60,8 +52,9 @@ def task(tmp_path_factory, tokenizer_file) -> dict:
     sft, pairs = items(240, seed=1), items(160, seed=2)
     (root / "sft.jsonl").write_text("".join(json.dumps({"messages": user(s) + [{"role": "assistant", "content": a}]})
                                             + "\n" for s, a in sft))
-    (root / "pairs.jsonl").write_text("".join(json.dumps({"prompt": QUESTION + s, "chosen": a, "rejected":
-                                                          "no" if a == "yes" else "yes"}) + "\n" for s, a in pairs))
+    # rejected: an off-task word, a preference a few DPO steps can learn (the task itself takes SFT ~100 steps)
+    (root / "pairs.jsonl").write_text("".join(json.dumps({"prompt": QUESTION + s, "chosen": a, "rejected": "bread"})
+                                              + "\n" for s, a in pairs))
     prepare_aligned(root / "sft", "chat", [root / "sft.jsonl"], tokenizer_file, val_fraction=0.05)
     prepare_aligned(root / "dpo", "preference", [root / "pairs.jsonl"], tokenizer_file, val_fraction=0.05)
     seen = {s for s, _ in sft + pairs}
@@ -136,12 +129,12 @@ def test_sft_learns_a_synthetic_task_to_high_held_out_accuracy(task, tiny_run, t
     model, _ = load_model(tiny_run.run_dir)
     before = choice_accuracy(model.eval(), tokenizer, task["held_out"])
     out = tmp_path / "sft"
-    proc = train(task["sft"], out, "--stage", "sft", "--init", str(tiny_run.run_dir), "--max-steps", "40",
-                 "--batch-size", "4", "--lr", "2e-3", "--eval-every", "20")
+    proc = train(task["sft"], out, "--stage", "sft", "--init", str(tiny_run.run_dir), "--max-steps", "100",
+                 "--batch-size", "4", "--lr", "3e-3", "--eval-every", "50", "--save-every", "50")
     assert "val_loss" in proc.stdout
     val = [r["val_loss"] for r in metrics(out) if "val_loss" in r]
-    assert len(val) == 2 and val[1] < 0.5
-    state = torch.load(out / "ckpt-0000040.pt", weights_only=False)
+    assert len(val) == 2 and val[1] < val[0] < 0.5
+    state = torch.load(out / "ckpt-0000100.pt", weights_only=False)
     assert state["stage"] == "sft" and json.loads((out / "config.json").read_text())["stage"] == "sft"
     after = choice_accuracy(load_model(out)[0].eval(), tokenizer, task["held_out"])
     assert after >= 0.9 and after > before + 0.2, (before, after)
