@@ -4,10 +4,14 @@
     python infer_cpu.py --prompt "Once upon a time"            # latest checkpoint of out/tiny
     python infer_cpu.py --ckpt out/tiny/ckpt-0001000.pt --prompt "..." --quant int4 --compile
     python infer_cpu.py --bench --quant int8 --compile          # random geb-1.3b weights, one JSON line
+    python infer_cpu.py --ckpt out/sft --chat --system "..."    # multi-turn chat (geb-chat-v1 template)
+    python infer_cpu.py --ckpt out/sft --chat --prompt "..."    # one user turn, answered
 
 The continuation streams to stdout; a stats line goes to stderr. Training documents are followed by EOS, so the
 prompt is preceded by EOS (the tokenizer's BOS if it has no EOS): an empty prompt samples a document from scratch.
 Generation stops at EOS, after --max-new-tokens, or at the model's context limit. Ctrl-C stops early (exit 0).
+With --chat the prompt is a user turn in the chat template (no EOS before it); the KV cache keeps the earlier turns,
+so each turn prefills only its own tokens. In the loop, one line is one user turn; an empty line or EOF ends it.
 """
 
 import argparse
@@ -16,10 +20,12 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from geb.chat import encode_prompt as encode_chat_prompt
 from geb.checkpoint import CheckpointError, list_checkpoints, load_model
 from geb.config import PRESETS, preset
 from geb.cpu_linear import QUANTS, convert_for_cpu, quantize_int8
@@ -157,9 +163,10 @@ def encode_prompt(tokenizer: Tokenizer, text: str, context: int, max_new_tokens:
 
 
 def stream_continuation(decoder: Decoder, tokenizer: Tokenizer, prompt: list[int], args: argparse.Namespace,
-                        stats: GenerationStats) -> tuple[bool, float]:
-    """Write the continuation of prompt to stdout as it is decoded; whether Ctrl-C stopped it, and the
-    perf_counter time its first text was printed (nan if none was)."""
+                        stats: GenerationStats, start_pos: int = 0, tokens: list[int] | None = None
+                        ) -> tuple[bool, float]:
+    """Write the continuation of prompt (after start_pos cached tokens) to stdout as it is decoded, appending its
+    ids to tokens; whether Ctrl-C stopped it, and the perf_counter time its first text was printed (nan if none)."""
     text_decoder = tokenizer.stream_decoder()
     for t in prompt:  # prime the decoder so the continuation's first piece decodes in context (leading spaces)
         text_decoder.push(t)
@@ -169,7 +176,9 @@ def stream_continuation(decoder: Decoder, tokenizer: Tokenizer, prompt: list[int
     try:
         for token in decoder.generate(prompt, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
                                       top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id, stats=stats,
-                                      vocab_size=tokenizer.vocab_size):
+                                      vocab_size=tokenizer.vocab_size, start_pos=start_pos):
+            if tokens is not None:
+                tokens.append(token)
             text = text_decoder.push(token)
             if text:
                 sys.stdout.write(text)
@@ -201,11 +210,52 @@ def run_prompt(args: argparse.Namespace) -> None:
           f"compile {stats.compile_s:.2f} s]", file=sys.stderr)
 
 
+def chat_turns(args: argparse.Namespace) -> Iterator[str]:
+    """The user turns: --prompt alone, or one line of stdin per turn until an empty line or EOF."""
+    if args.prompt:
+        yield args.prompt
+        return
+    while True:
+        print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return
+        yield line.rstrip("\n")
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    """Answer user turns in the chat template (--system first), each streamed to stdout, stats to stderr; the KV
+    cache keeps the conversation, so a turn prefills only its new tokens (and the previous answer's closing EOS)."""
+    model, tokenizer, _ = load_model_and_tokenizer(args)
+    decoder = Decoder(model, compile=args.compile, compile_mode=args.compile_mode)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    cached, pending = 0, []  # tokens in the cache, and tokens of the conversation not yet fed to it
+    for user in chat_turns(args):
+        new = pending + encode_chat_prompt((system if cached == 0 else []) + [{"role": "user", "content": user}],
+                                           tokenizer)
+        if cached + len(new) + 1 >= decoder.max_seq_len:
+            print(f"[the conversation fills the context of {decoder.max_seq_len} tokens: starting a new one]",
+                  file=sys.stderr)
+            cached, new = 0, encode_chat_prompt(system + [{"role": "user", "content": user}], tokenizer)
+            new = fit_prompt(new, decoder.max_seq_len, args.max_new_tokens)
+        stats, answer = GenerationStats(), []
+        interrupted, _ = stream_continuation(decoder, tokenizer, new, args, stats, start_pos=cached, tokens=answer)
+        # the answer's last token (and the EOS closing the turn, as the template has it) are not in the cache yet
+        pending = (new + answer)[decoder.pos - cached:] + [tokenizer.eos_id]
+        cached = decoder.pos
+        print(f"[turn {stats.prompt_tokens} new tokens, {cached} cached | prefill {stats.prefill_tokens_per_s:.1f} "
+              f"tok/s | decode {stats.decode_tokens_per_s:.2f} tok/s ({stats.new_tokens} tokens, stop: "
+              f"{'interrupted' if interrupted else stats.stop_reason})]", file=sys.stderr)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, checked: a bad value exits with one line naming its flag."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default="", help="text to continue (default: empty = start a new document)")
+    p.add_argument("--chat", action="store_true",
+                   help="chat template: answer --prompt as one user turn, or each stdin line in a multi-turn loop")
+    p.add_argument("--system", default="", help="with --chat: a system message before the first user turn")
     p.add_argument("--ckpt", default=None,
                    help=f"run dir (latest ckpt-*.pt), checkpoint file or HF Llama dir (default: {DEFAULT_RUN})")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 256; --bench 64)")
@@ -236,6 +286,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k is not None and args.top_k < 0:
         p.error(f"--top-k must be >= 0, got {args.top_k}")
+    if args.system and not args.chat:
+        p.error("--system needs --chat")
+    if args.chat and args.bench:
+        p.error("--chat and --bench are exclusive")
     if args.bench:
         if args.preset not in PRESETS:
             p.error(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
@@ -250,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     try:
         with torch.no_grad():
-            run_bench(args) if args.bench else run_prompt(args)
+            run_bench(args) if args.bench else run_chat(args) if args.chat else run_prompt(args)
     except KeyboardInterrupt:  # outside the token loop (loading, compiling): stop quietly
         print(file=sys.stderr)
     except BrokenPipeError:  # `| head`: the reader is gone

@@ -26,11 +26,20 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 
+from geb.align_loader import (
+    PreferenceLoader,
+    SFTLoader,
+    preference_eval_batches,
+    read_align_manifest,
+    sft_eval_batches,
+)
 from geb.bpb import bits_per_byte
+from geb.chat import IGNORE_INDEX, dpo_loss, sequence_logps, sft_loss
 from geb.checkpoint import (
     TOKENIZER_FILE,
     CheckpointError,
     load_latest,
+    load_model,
     load_sharded_tensors,
     save_checkpoint,
     save_sharded_checkpoint,
@@ -38,7 +47,7 @@ from geb.checkpoint import (
 from geb.config import PRESETS, ModelConfig, preset
 from geb.corpus import DataError
 from geb.data import prepare
-from geb.files import atomic_copy, atomic_write_json, atomic_write_text
+from geb.files import atomic_copy, atomic_write_json, atomic_write_text, file_sha256
 from geb.loader import TokenLoader, read_manifest
 from geb.model import GEB
 from geb.parallelize import AC_MODES, parallelize
@@ -46,10 +55,16 @@ from geb.tasks import run_tasks
 from geb.tokenizer import Tokenizer
 
 DEFAULT_DATA = "data/default"
+STAGES = ("pretrain", "sft", "dpo")
+STAGE_DATA = {"sft": "chat", "dpo": "preference"}  # the prepared format each alignment stage reads
+DPO_METRICS = ("reward_chosen", "reward_rejected", "reward_accuracy", "reward_margin")
 
 
 @dataclass
 class TrainConfig:
+    stage: str = "pretrain"  # pretrain, sft (prompt-masked fine-tuning) or dpo (preference optimisation)
+    init: str = ""  # sft/dpo: the model to start from (run dir, checkpoint file or HF Llama dir); dpo's reference
+    dpo_beta: float = 0.1  # dpo: strength of the KL constraint to the reference model
     preset: str = "tiny"
     data: str = DEFAULT_DATA  # prepared shard dir; the default corpus is prepared here when missing
     out: str = "out/tiny"
@@ -135,6 +150,7 @@ class Run:
     tokenizer_sha: str = ""
     metrics_file: TextIO | None = None  # rank 0 only, as is writer
     writer: SummaryWriter | None = None
+    reference: GEB | None = None  # dpo: the frozen init model (eval mode, no gradient, not in the optimizer)
     stop_signal: int | None = None  # set by SIGTERM/SIGINT; the run saves and stops after the current step
 
     @property
@@ -198,6 +214,27 @@ def check_flags(cfg: TrainConfig) -> None:
         fail("--fsdp and --zero are exclusive: --fsdp already shards the optimizer state (and the weights); pick one")
     if cfg.ac not in AC_MODES:
         fail(f"--ac {cfg.ac!r} is unknown; choose one of {', '.join(AC_MODES)}")
+    check_stage_flags(cfg)
+
+
+def check_stage_flags(cfg: TrainConfig) -> None:
+    """Fail on an unknown --stage or a flag that does not fit it."""
+    if cfg.stage not in STAGES:
+        fail(f"--stage {cfg.stage!r} is unknown; choose one of {', '.join(STAGES)}")
+    if cfg.stage == "pretrain":
+        if cfg.init:
+            fail("--init is for --stage sft or dpo; pretraining starts from random weights (resume it from --out)")
+        return
+    if os.path.normpath(cfg.data) == os.path.normpath(DEFAULT_DATA):
+        fail(f"--stage {cfg.stage} needs --data DIR prepared with `python -m geb.data prepare --format "
+             f"{STAGE_DATA[cfg.stage]}` (the default data is pretraining text)")
+    if cfg.dpo_beta <= 0:
+        fail(f"--dpo-beta must be positive, got {cfg.dpo_beta}")
+    if cfg.doc_mask:
+        fail(f"--doc-mask is for pretraining; --stage {cfg.stage} packs whole examples and ignores it")
+    if cfg.stage == "dpo" and cfg.fsdp:
+        fail("--fsdp is not supported with --stage dpo (the frozen reference model is not sharded); use DDP "
+             "(optionally --zero)")
 
 
 def setup_distributed() -> tuple[int, int, int, torch.device]:
@@ -273,6 +310,9 @@ def read_resume_state(cfg: TrainConfig, manifest: dict, master: bool) -> dict | 
     if vocab_size != manifest["vocab_size"]:
         fail(f"{path}: model vocab {vocab_size} != {cfg.data} vocab {manifest['vocab_size']}; use the data it was "
              "trained on or a new --out")
+    if state.get("stage", "pretrain") != cfg.stage:
+        fail(f"{path}: checkpoint is from --stage {state.get('stage', 'pretrain')}, this run is --stage {cfg.stage}; "
+             "pass a new --out (start the next stage with --init)")
     if cfg.fsdp and "model" in state:
         fail(f"{path}: a single-file checkpoint cannot resume under --fsdp; resume it without --fsdp or pass a new "
              "--out")
@@ -383,6 +423,161 @@ def micro_step(run: Run, micro: int, poison_first: bool = False) -> tuple[float,
     return value, replaced
 
 
+# --- alignment stages (sft, dpo): their data, init and reference models, steps and evaluations -----------------------
+
+
+def align_manifest(cfg: TrainConfig) -> dict:
+    """The manifest of an alignment stage's --data (chat for sft, preference for dpo)."""
+    try:
+        return read_align_manifest(cfg.data, STAGE_DATA[cfg.stage])
+    except DataError as e:
+        fail(str(e))
+
+
+def load_init(source: str, manifest: dict, flag: str = "--init") -> GEB:
+    """The model an alignment stage starts from (and dpo's reference), checked against the data's tokenizer."""
+    try:
+        model, tokenizer = load_model(source)
+    except (CheckpointError, OSError, ValueError) as e:
+        fail(f"{flag} {source}: {e}")
+    if tokenizer is not None and file_sha256(tokenizer) != manifest["tokenizer_sha256"]:
+        fail(f"{flag} {source}: the model was trained with another tokenizer ({tokenizer}) than --data "
+             f"{manifest['data_dir']}; prepare the data with the model's tokenizer")
+    if model.config.vocab_size < manifest["vocab_size"]:
+        fail(f"{flag} {source}: model vocab {model.config.vocab_size} < --data vocab {manifest['vocab_size']}")
+    return model
+
+
+def setup_alignment(cfg: TrainConfig, overrides: dict, master: bool
+                    ) -> tuple[dict, ModelConfig, int, dict | None, GEB | None]:
+    """An alignment stage's manifest, model config (the init model's, or the checkpoint's on resume), sequence length,
+    resume state and init model (None when resuming sft: the checkpoint holds the weights; dpo's reference is the
+    init model recorded in the checkpoint, checked by fingerprint in restore)."""
+    if overrides:
+        fail(f"--{next(iter(overrides)).replace('_', '-')}: model overrides do not apply to --stage {cfg.stage}; "
+             "the init model's config is used")
+    manifest = align_manifest(cfg)
+    resume_state = read_resume_state(cfg, manifest, master)
+    if resume_state is None and not cfg.init:
+        fail(f"--stage {cfg.stage} needs --init CKPT (a run dir, checkpoint file or Hugging Face Llama dir)")
+    if resume_state is None:
+        cfg.init = str(Path(cfg.init).resolve())
+    elif master and cfg.init and os.path.abspath(cfg.init) != resume_state["train_config"]["init"]:
+        print(f"resuming {cfg.out}: --init {cfg.init} is ignored (the run started from "
+              f"{resume_state['train_config']['init']})", flush=True)
+    if resume_state is not None:
+        cfg.init = resume_state["train_config"]["init"]
+    init = load_init(cfg.init, manifest) if resume_state is None or cfg.stage == "dpo" else None
+    model_config = init.config if resume_state is None else ModelConfig.from_dict(resume_state["model_config"])
+    seq_len = cfg.seq_len or model_config.max_seq_len
+    if seq_len > model_config.max_seq_len:
+        fail(f"--seq-len {seq_len} exceeds the model's context (max_seq_len {model_config.max_seq_len})")
+    if master and manifest["splits"]["val"]["examples"] == 0:
+        print(f"note: {cfg.data} has an empty val split; evaluation is skipped", flush=True)
+    return manifest, model_config, seq_len, resume_state, init
+
+
+def make_loader(cfg: TrainConfig, seq_len: int, rank: int, world_size: int, vocab_size: int) -> Iterator:
+    """The train split's batches: tokens (pretrain), packed conversations (sft) or preference pairs (dpo)."""
+    kind = {"pretrain": TokenLoader, "sft": SFTLoader, "dpo": PreferenceLoader}[cfg.stage]
+    try:
+        extra = {"doc_mask": cfg.doc_mask} if cfg.stage == "pretrain" else {}
+        return kind(cfg.data, "train", seq_len, cfg.batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
+                    model_vocab_size=vocab_size, **extra)
+    except DataError as e:
+        fail(str(e))
+
+
+def all_reduce_sum(values: list[float], run: Run) -> list[float]:
+    """The sums of values over the ranks (float64)."""
+    if run.world_size == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=run.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def sft_micro_steps(run: Run) -> tuple[float, dict]:
+    """Forward and backward of an sft step's grad_accum micro-batches, each loss divided by the assistant tokens of
+    the whole global batch (counted before the first forward), so the gradient is that of the global token mean
+    however the batch is split. Returns this rank's share of the loss (its mean over ranks is the global loss)."""
+    cfg = run.cfg
+    batches = [next(run.loader) for _ in range(cfg.grad_accum)]
+    n_tokens = all_reduce_sum([sum(int((t != IGNORE_INDEX).sum()) for _, t, _ in batches)], run)[0]
+    total = 0.0
+    for micro, (inputs, targets, _positions) in enumerate(batches):
+        sync = run.world_size == 1 or micro == cfg.grad_accum - 1
+        with grad_sync(run, sync), autocast(run.device):
+            logits, _ = run.model(inputs.to(run.device))
+            # DDP and FSDP average gradients over ranks; the world_size factor turns that average into the sum
+            loss = sft_loss(logits, targets.to(run.device), max(n_tokens, 1.0)) * run.world_size
+            loss.backward()
+        total += loss.item()
+    return total, {"assistant_tokens": int(n_tokens), "truncated": run.loader.truncated}
+
+
+def pair_logps(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Sequence log-probs of the chosen rows [0, B) and rejected rows [B, 2B) of a preference batch."""
+    logps = sequence_logps(model(inputs)[0], targets)
+    b = inputs.shape[0] // 2
+    return logps[:b], logps[b:]
+
+
+def dpo_micro_steps(run: Run) -> tuple[float, dict]:
+    """Forward and backward of a dpo step's grad_accum micro-batches against the frozen reference; returns this
+    rank's mean loss and the step's reward metrics, means over all pairs of the global batch."""
+    cfg = run.cfg
+    total, sums = 0.0, [0.0] * len(DPO_METRICS)
+    for micro in range(cfg.grad_accum):
+        inputs, targets = (t.to(run.device) for t in next(run.loader))
+        with torch.no_grad(), autocast(run.device):
+            ref_chosen, ref_rejected = pair_logps(run.reference, inputs, targets)
+        sync = run.world_size == 1 or micro == cfg.grad_accum - 1
+        with grad_sync(run, sync), autocast(run.device):
+            chosen, rejected = pair_logps(run.model, inputs, targets)
+            loss, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.dpo_beta)
+            (loss / cfg.grad_accum).backward()
+        total += loss.item() / cfg.grad_accum
+        sums = [s + metrics[k].item() for s, k in zip(sums, DPO_METRICS, strict=True)]
+    means = [s / (cfg.grad_accum * run.world_size) for s in all_reduce_sum(sums, run)]
+    return total, {**dict(zip(DPO_METRICS, means, strict=True)), "truncated": run.loader.truncated}
+
+
+@torch.no_grad()
+def evaluate_alignment(run: Run) -> None:
+    """The stage's own held-out evaluation on every rank: sft, the loss on the val split's assistant tokens
+    (val_loss); dpo, the reward accuracy and margin on its val pairs (val_reward_accuracy, val_reward_margin)."""
+    cfg, model = run.cfg, run.raw_model
+    if read_align_manifest(cfg.data, STAGE_DATA[cfg.stage])["splits"]["val"]["examples"] == 0:
+        return
+    was_training = model.training
+    model.eval()
+    args = (cfg.data, "val", run.seq_len, cfg.batch_size, run.rank, run.world_size)
+    with autocast(run.device):
+        if cfg.stage == "sft":
+            sums = [0.0, 0.0]
+            for inputs, targets, _ in sft_eval_batches(*args):
+                logits, _ = model(inputs.to(run.device))
+                sums[0] += sft_loss(logits, targets.to(run.device), 1).item()
+                sums[1] += int((targets != IGNORE_INDEX).sum())
+            nll, n = all_reduce_sum(sums, run)
+            record = {"val_loss": nll / max(n, 1)}
+        else:
+            sums = [0.0, 0.0, 0.0]  # correct pairs, margin sum, pairs
+            for inputs, targets, n_pairs in preference_eval_batches(*args):
+                inputs, targets = inputs.to(run.device), targets.to(run.device)
+                pc, pr = pair_logps(model, inputs, targets)
+                rc, rr = pair_logps(run.reference, inputs, targets)
+                margin = (cfg.dpo_beta * ((pc - rc) - (pr - rr)))[:n_pairs]
+                sums = [sums[0] + (margin > 0).sum().item(), sums[1] + margin.sum().item(), sums[2] + n_pairs]
+            correct, margin_sum, n = all_reduce_sum(sums, run)
+            record = {"val_reward_accuracy": correct / max(n, 1), "val_reward_margin": margin_sum / max(n, 1)}
+    model.train(was_training)
+    log(run, {"step": run.state.step, **record})
+    if run.master:
+        print(f"step {run.state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()), flush=True)
+
+
 def train_step(run: Run) -> dict:
     """One optimizer step: this step's lr and embedding-gradient scale, grad_accum micro-steps, gradient clipping and
     the AdamW update (skipped when the gradient norm is not finite). Advances run.state; returns step, loss (mean
@@ -394,8 +589,12 @@ def train_step(run: Run) -> dict:
     if run.embedding_shrink is not None:
         run.embedding_shrink.scale = cfg.embed_grad_scale if state.step < cfg.embed_grad_scale_steps else 1.0
     poison = state.step in {int(s) for s in cfg.debug_bad_batch_steps.split(",") if s.strip()}
-    loss_sum, replaced = 0.0, 0
-    for micro in range(cfg.grad_accum):
+    loss_sum, replaced, stage_metrics = 0.0, 0, {}
+    if cfg.stage == "sft":
+        loss_sum, stage_metrics = sft_micro_steps(run)
+    elif cfg.stage == "dpo":
+        loss_sum, stage_metrics = dpo_micro_steps(run)
+    for micro in range(cfg.grad_accum if cfg.stage == "pretrain" else 0):
         value, n = micro_step(run, micro, poison_first=poison and micro == 0)
         loss_sum += value / cfg.grad_accum
         replaced += n
@@ -416,7 +615,7 @@ def train_step(run: Run) -> dict:
     if math.isfinite(loss_sum):
         state.loss_ema = loss_sum if state.loss_ema is None else 0.95 * state.loss_ema + 0.05 * loss_sum
     state.step += 1
-    return {"step": state.step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm}
+    return {"step": state.step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, **stage_metrics}
 
 
 def save(run: Run) -> None:
@@ -434,7 +633,9 @@ def save(run: Run) -> None:
     state = {"model_config": run.raw_model.config.to_dict(), "step": run.state.step, "loss_ema": run.state.loss_ema,
              "counters": run.state.counters, "loader": run.loader.state_dict(), "rng": gathered_rng,
              "train_config": asdict(run.cfg), "tokenizer_sha256": run.tokenizer_sha,
-             "data_dir": str(Path(run.cfg.data).resolve())}
+             "data_dir": str(Path(run.cfg.data).resolve()), "stage": run.cfg.stage}
+    if run.reference is not None:  # the reference is the init model: record which, not its weights again
+        state["reference_fingerprint"] = fingerprint(run.reference.parameters()).tolist()
     if run.cfg.fsdp:
         model_state, optimizer_state = dcp_state.get_state_dict(run.raw_model, run.optimizer)
         path = save_sharded_checkpoint(run.out, run.state.step, {"model": model_state, "optimizer": optimizer_state},
@@ -459,6 +660,9 @@ def restore(run: Run, state: dict) -> None:
         load_sharded_tensors(state["path"], tensors)
         dcp_state.set_state_dict(run.raw_model, run.optimizer, model_state_dict=tensors["model"],
                                  optim_state_dict=tensors["optimizer"])
+    if run.reference is not None and fingerprint(run.reference.parameters()).tolist() != state["reference_fingerprint"]:
+        fail(f"{state['path']}: the reference model {run.cfg.init} has changed since this dpo run started; resume "
+             "needs the same init checkpoint")
     run.state = TrainState(state["step"], state["loss_ema"], dict(state["counters"]))
     # The loader state is global (the same on every rank), so it re-shards exactly onto another world size.
     run.loader.load_state_dict(state["loader"])
@@ -482,7 +686,8 @@ def open_logs(run: Run) -> None:
         return
     cfg, out = run.cfg, run.out
     out.mkdir(parents=True, exist_ok=True)
-    run_info = {"train": asdict(cfg), "model": run.raw_model.config.to_dict(), "params": run.raw_model.num_params(),
+    run_info = {"stage": cfg.stage, "train": asdict(cfg), "model": run.raw_model.config.to_dict(),
+                "params": run.raw_model.num_params(),
                 "world_size": run.world_size, "device": str(run.device), "seq_len": run.seq_len,
                 "tokens_per_step": cfg.batch_size * run.seq_len * cfg.grad_accum * run.world_size,
                 "data_manifest": str(Path(cfg.data) / "manifest.json"), "tokenizer_sha256": run.tokenizer_sha,
@@ -534,12 +739,16 @@ def log_step(run: Run, metrics: dict, tokens: int, elapsed: float) -> None:
     if run.master:
         print(f"step {record['step']}/{run.cfg.max_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} gnorm "
               f"{record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s"
-              + (f" mfu {record['mfu']:.1%}" if peak_flops else ""), flush=True)
+              + (f" mfu {record['mfu']:.1%}" if peak_flops else "")
+              + "".join(f" {k} {record[k]:.3f}" for k in DPO_METRICS if k in record), flush=True)
 
 
 def evaluate(run: Run) -> None:
-    """Score the val split (its first --eval-tokens tokens) on every rank and log val_loss and val_bpb."""
+    """Score the val split (its first --eval-tokens tokens) on every rank and log val_loss and val_bpb; an alignment
+    stage has its own evaluation (evaluate_alignment)."""
     cfg = run.cfg
+    if cfg.stage != "pretrain":
+        return evaluate_alignment(run)
     with autocast(run.device):
         result = bits_per_byte(run.raw_model, cfg.data, split="val", seq_len=run.seq_len, batch_size=cfg.batch_size,
                                max_tokens=cfg.eval_tokens or None, device=run.device, rank=run.rank,
@@ -584,7 +793,7 @@ def train_loop(run: Run, last_stop: int) -> bool:
     while run.state.step < last_stop:
         metrics = train_step(run)
         step = run.state.step
-        tokens += cfg.batch_size * run.seq_len * cfg.grad_accum * run.world_size
+        tokens += cfg.batch_size * run.seq_len * cfg.grad_accum * run.world_size * (2 if cfg.stage == "dpo" else 1)
         if step % cfg.log_every == 0 or step == last_stop:
             log_step(run, metrics, tokens, time.perf_counter() - t_last)
             t_last, tokens = time.perf_counter(), 0
@@ -619,22 +828,28 @@ def main(argv: list[str] | None = None) -> None:
     cfg, overrides = parse_args(argv)
     check_flags(cfg)
     rank, local_rank, world_size, device = setup_distributed()
-    manifest = ensure_data(cfg, rank, world_size)
-    model_config, seq_len = model_config_from_flags(cfg, manifest, overrides)
-    resume_state = read_resume_state(cfg, manifest, rank == 0)  # before anything random, for an identical restart
-    if resume_state is not None:
-        model_config = ModelConfig.from_dict(resume_state["model_config"])
+    init = None
+    if cfg.stage == "pretrain":
+        manifest = ensure_data(cfg, rank, world_size)
+        model_config, seq_len = model_config_from_flags(cfg, manifest, overrides)
+        resume_state = read_resume_state(cfg, manifest, rank == 0)  # before anything random, for an identical restart
+        if resume_state is not None:
+            model_config = ModelConfig.from_dict(resume_state["model_config"])
+    else:
+        manifest, model_config, seq_len, resume_state, init = setup_alignment(cfg, overrides, rank == 0)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = GEB(model_config).to(device)
+    if init is not None and resume_state is None:
+        model.load_state_dict(init.state_dict())
     parallelize(model, device, fsdp=cfg.fsdp and world_size > 1, ac=cfg.ac, compile=cfg.compile)
-    loader = TokenLoader(cfg.data, "train", seq_len, cfg.batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
-                         model_vocab_size=model_config.vocab_size, doc_mask=cfg.doc_mask)
+    loader = make_loader(cfg, seq_len, rank, world_size, model_config.vocab_size)
     optimizer = build_optimizer(model, cfg, world_size)
     run = Run(cfg, model=model, raw_model=model, optimizer=optimizer, loader=loader, seq_len=seq_len, device=device,
               rank=rank, world_size=world_size, embedding_shrink=EmbeddingGradShrink(model),
-              tokenizer_sha=manifest["tokenizer_sha256"])
+              tokenizer_sha=manifest["tokenizer_sha256"],
+              reference=init.to(device).eval().requires_grad_(False) if cfg.stage == "dpo" else None)
     if resume_state is not None:
         restore(run, resume_state)
     run.model = wrap_model(model, cfg, world_size, local_rank, device)

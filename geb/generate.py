@@ -86,6 +86,7 @@ class Decoder:
             self._step = torch.compile(self._eager_step, mode=compile_mode, options=options, fullgraph=True,
                                        dynamic=False)
         self.compiled_once = not compile
+        self.pos = 0  # cache positions [0, pos) hold the tokens fed so far (a chat's earlier turns)
 
     def _eager_step(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Logits (B, 1, vocab) of the last token of idx (B, T), whose tokens sit at input_pos (T,)."""
@@ -106,20 +107,27 @@ class Decoder:
     @torch.no_grad()
     def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, eos_id: int | None = None,
-                 stats: GenerationStats | None = None, vocab_size: int | None = None) -> Iterator[int]:
+                 stats: GenerationStats | None = None, vocab_size: int | None = None,
+                 start_pos: int = 0) -> Iterator[int]:
         """Yield up to max_new_tokens new ids after prompt; stops at eos_id (not yielded) or the context limit.
-        vocab_size: sample only ids below it (a model's vocabulary may be padded past its tokenizer's)."""
+        vocab_size: sample only ids below it (a model's vocabulary may be padded past its tokenizer's).
+        start_pos: the prompt continues the tokens already in the cache at [0, start_pos) (a chat's earlier turns;
+        only the prompt is prefilled). Afterwards self.pos counts the cached tokens: the last yielded one (and an
+        EOS) are not in the cache yet."""
         if not prompt:
             raise ValueError("prompt must hold at least one token (e.g. BOS)")
+        if start_pos and start_pos + len(prompt) >= self.max_seq_len:
+            raise ValueError(f"{start_pos} cached + {len(prompt)} prompt tokens leave no room in the context of "
+                             f"{self.max_seq_len}")
         stats = stats if stats is not None else GenerationStats()
-        prompt = fit_prompt(list(prompt), self.max_seq_len, max_new_tokens)
+        prompt = list(prompt) if start_pos else fit_prompt(list(prompt), self.max_seq_len, max_new_tokens)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         stats.prompt_tokens = len(prompt)
         t0 = time.perf_counter()
         idx = torch.tensor([prompt], dtype=torch.long)
-        logits = self._eager_step(idx, torch.arange(len(prompt)))  # prefill is eager: its length varies
+        logits = self._eager_step(idx, torch.arange(start_pos, start_pos + len(prompt)))  # eager: its length varies
         stats.prefill_s = time.perf_counter() - t0
-        pos = len(prompt)
+        pos = self.pos = start_pos + len(prompt)
         stats.stop_reason = "max_new_tokens"
         while stats.new_tokens < max_new_tokens:
             t0 = time.perf_counter()
@@ -141,4 +149,4 @@ class Decoder:
             logits = self._step(torch.tensor([[token]]), torch.tensor([pos]))
             stats.decode_s += time.perf_counter() - t0
             stats.decode_steps += 1
-            pos += 1
+            pos = self.pos = pos + 1

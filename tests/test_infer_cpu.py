@@ -1,7 +1,9 @@
 """infer_cpu.py end to end: streaming equals the one-shot decode, user errors are one line, Ctrl-C exits 0, --bench."""
 
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,6 +15,7 @@ import torch
 from helpers import small_config
 
 import infer_cpu
+from geb.chat import encode_prompt
 from geb.checkpoint import list_checkpoints, save_checkpoint
 from geb.files import file_sha256
 from geb.generate import Decoder
@@ -152,3 +155,40 @@ def test_warm_start_maps_the_cached_int4_weights(tiny_run, tmp_path):
     assert "(converted, cached)" in runs[0].stderr and "(cache)" in runs[1].stderr, runs[1].stderr
     assert runs[0].stdout == runs[1].stdout and runs[0].stdout.strip()
     assert "first token" in runs[1].stderr
+
+
+def test_chat_one_turn_equals_greedy_continuation_of_the_template(tiny_run, tiny_model, tokenizer, capsys):
+    system, user = "You answer briefly.", "When shall we three meet again?"
+    code, out, err = run_main(["--ckpt", str(tiny_run.run_dir), "--chat", "--system", system, "--prompt", user,
+                               "--greedy", "--max-new-tokens", "20", "--threads", "1"], capsys)
+    assert code == 0, err
+    ids = encode_prompt([{"role": "system", "content": system}, {"role": "user", "content": user}], tokenizer)
+    expected = list(Decoder(tiny_model).generate(ids, 20, temperature=0.0, eos_id=tokenizer.eos_id))
+    assert expected and out == tokenizer.decode(expected) + "\n"
+    assert f"turn {len(ids)} new tokens" in err
+
+
+def test_chat_loop_keeps_earlier_turns_in_the_cache(tiny_run, tiny_model, tokenizer, capsys, monkeypatch):
+    turns = ["Fair is foul", "新华社北京"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(turns) + "\n\n"))
+    code, out, err = run_main(["--ckpt", str(tiny_run.run_dir), "--chat", "--greedy", "--max-new-tokens", "12",
+                               "--threads", "1"], capsys)
+    assert code == 0, err
+    # the reference re-reads the whole conversation each turn; the loop prefills only the new turn
+    history, answers = [], []
+    for user in turns:
+        ids = history + encode_prompt([{"role": "user", "content": user}], tokenizer)
+        answer = list(Decoder(tiny_model).generate(ids, 12, temperature=0.0, eos_id=tokenizer.eos_id))
+        history, answers = ids + answer + [tokenizer.eos_id], answers + [answer]
+    assert out == "".join(tokenizer.decode(a) + "\n" for a in answers)
+    # turn 2 prefills the first answer's last token when it was cut (never fed back), its EOS and the new turn
+    new_tokens = [int(n) for n in re.findall(r"\[turn (\d+) new tokens", err)]
+    first, second = (encode_prompt([{"role": "user", "content": t}], tokenizer) for t in turns)
+    assert new_tokens == [len(first), (len(answers[0]) == 12) + 1 + len(second)]
+
+
+@pytest.mark.parametrize("flags, message", [(["--system", "x"], "--system needs --chat"),
+                                            (["--chat", "--bench"], "--chat and --bench are exclusive")])
+def test_chat_bad_flags(flags, message, capsys):
+    code, _, err = run_main(flags, capsys)
+    assert code == 2 and message in err
