@@ -55,6 +55,7 @@ from geb.tasks import run_tasks
 from geb.tokenizer import Tokenizer
 
 DEFAULT_DATA = "data/default"
+LOSSES = ("fused", "full")  # --loss full is the baseline the fused (logits-free) loss is measured against
 STAGES = ("pretrain", "sft", "dpo")
 STAGE_DATA = {"sft": "chat", "dpo": "preference"}  # the prepared format each alignment stage reads
 DPO_METRICS = ("reward_chosen", "reward_rejected", "reward_accuracy", "reward_margin")
@@ -92,6 +93,7 @@ class TrainConfig:
     fsdp: bool = False  # shard parameters, gradients and AdamW state across ranks (FSDP2); sharded checkpoints
     ac: str = "none"  # activation checkpointing: none, full (every block) or selective (every 2nd block)
     doc_mask: bool = False  # attention within each packed document (RoPE positions restart there), train and eval
+    loss: str = "fused"  # fused: chunked linear cross-entropy, no full logits; full: F.cross_entropy on all logits
     # GEB's loss-spike countermeasures
     spike_factor: float = 3.0  # replace a micro-batch whose loss > factor x running mean (0 = off)
     max_replacements: int = 4  # per micro-step
@@ -214,6 +216,8 @@ def check_flags(cfg: TrainConfig) -> None:
         fail("--fsdp and --zero are exclusive: --fsdp already shards the optimizer state (and the weights); pick one")
     if cfg.ac not in AC_MODES:
         fail(f"--ac {cfg.ac!r} is unknown; choose one of {', '.join(AC_MODES)}")
+    if cfg.loss not in LOSSES:
+        fail(f"--loss {cfg.loss!r} is unknown; choose one of {', '.join(LOSSES)}")
     check_stage_flags(cfg)
 
 
@@ -407,7 +411,7 @@ def micro_step(run: Run, micro: int, poison_first: bool = False) -> tuple[float,
                 print(f"first batch differs across ranks: {distinct}", flush=True)
         inputs, targets = inputs.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
         with grad_sync(run, sync), autocast(run.device):
-            _, loss = run.model(inputs, targets, logits="none",
+            _, loss = run.model(inputs, targets, logits="none" if run.cfg.loss == "fused" else "all",
                                 positions=positions[0].to(run.device) if positions else None)
             if poison_first and attempt == 0:
                 loss = loss * float("nan")

@@ -24,7 +24,7 @@ import torch
 
 from geb.config import preset
 from geb.model import GEB
-from train import Run, TrainConfig, build_optimizer, gpu_peak_flops, train_step, wrap_model
+from train import LOSSES, Run, TrainConfig, build_optimizer, gpu_peak_flops, train_step, wrap_model
 
 
 def measured_matmul_flops(device: torch.device) -> float:
@@ -48,7 +48,7 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(preset_name: str, impl: str, compile_model: bool, batch_size: int, seq_len: int, steps: int,
-            warmup: int, device: torch.device, seed: int = 0) -> dict:
+            warmup: int, device: torch.device, seed: int = 0, loss: str = "fused") -> dict:
     """Time `steps` training steps after `warmup` ones; returns tokens/s, losses and peak memory."""
     torch.manual_seed(seed)
     config = preset(preset_name, dropout=0.0)
@@ -56,7 +56,7 @@ def measure(preset_name: str, impl: str, compile_model: bool, batch_size: int, s
     model = GEB(config, impl=impl).to(device)
     # A constant lr (no warmup, no decay) so that every timed step does the same work.
     cfg = TrainConfig(batch_size=batch_size, seq_len=seq_len, lr=3e-4, warmup_steps=0, min_lr_ratio=1.0,
-                      compile=compile_model)
+                      compile=compile_model, loss=loss)
     optimizer = build_optimizer(model, cfg)
     # A fixed pool of random batches: real-looking token ids at no data-loading cost.
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -76,7 +76,7 @@ def measure(preset_name: str, impl: str, compile_model: bool, batch_size: int, s
     _sync(device)
     elapsed = time.perf_counter() - t0
     peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    result = {"preset": preset_name, "impl": impl, "compile": compile_model, "batch_size": batch_size,
+    result = {"preset": preset_name, "impl": impl, "compile": compile_model, "loss": loss, "batch_size": batch_size,
               "seq_len": seq_len, "steps": steps, "tokens_per_s": batch_size * seq_len * steps / elapsed,
               "step_ms": 1e3 * elapsed / steps, "warmup_s": warmup_s, "peak_mem_mb": peak_mb,
               "flops_per_token": model.flops_per_token(seq_len), "params": model.num_params()["total"],
@@ -109,6 +109,7 @@ def main() -> None:
     p.add_argument("--compile", default="false,true", help="comma-separated: false, true")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--loss", default="fused", choices=LOSSES, help="fused (chunked, no full logits) or full logits")
     p.add_argument("--json", type=Path, default=None, help="append one JSON line per configuration here")
     args = p.parse_args()
     impls = [i.strip() for i in args.impl.split(",")]
@@ -129,7 +130,7 @@ def main() -> None:
         for compile_model in (c == "true" for c in compiles):
             try:
                 r = measure(args.preset, impl, compile_model, args.batch_size, args.seq_len, args.steps,
-                            args.warmup, device)
+                            args.warmup, device, loss=args.loss)
             except torch.OutOfMemoryError:
                 print(f"| {args.preset} | {impl} | {compile_model} | out of memory at batch {args.batch_size} |")
                 continue
@@ -142,7 +143,7 @@ def main() -> None:
                      mfu_datasheet=achieved / datasheet if datasheet else None, mfu_measured=achieved / measured)
             mfu_d = f"{r['mfu_datasheet']:.1%}" if datasheet else "-"
             peak = f"{r['peak_mem_mb'] / 1024:.1f}" if r["peak_mem_mb"] else "-"
-            print(f"| {r['preset']} | {impl} | {compile_model} | {r['batch_size']}x{r['seq_len']} | "
+            print(f"| {r['preset']} | {impl}, {args.loss} loss | {compile_model} | {r['batch_size']}x{r['seq_len']} | "
                   f"{r['tokens_per_s']:.0f} | {r['step_ms']:.1f} | {mfu_d} | {r['mfu_measured']:.1%} | {peak} | "
                   f"{r['warmup_s']:.1f} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |", flush=True)
             if args.json:

@@ -254,8 +254,19 @@ def test_grad_accumulation_matches_larger_batch(data_dir, tmp_path):
         assert abs(a - b) <= 1e-5 * abs(b), (accum, big)
 
 
+def test_full_logits_loss_trains_like_the_fused_one(data_dir, tmp_path):
+    common = ["--max-steps", "3", "--save-every", "100", "--eval-every", "100"]
+    train(data_dir, tmp_path / "fused", *common)
+    train(data_dir, tmp_path / "full", *common, "--loss", "full")
+    fused, full = train_losses(tmp_path / "fused"), train_losses(tmp_path / "full")
+    assert len(fused) == 3
+    for (_, a), (_, b) in zip(fused, full, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b), (fused, full)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--preset", "nope"], "--preset 'nope' is unknown"),
+    (["--loss", "nope"], "--loss 'nope' is unknown"),
     (["--seq-len", "65"], "--seq-len 65 exceeds the model's context"),
     (["--n-kv-heads", "3"], "n_heads (4) must be divisible by n_kv_heads (3)"),
     (["--batch-size", "0"], "--batch-size must be positive"),
