@@ -159,7 +159,7 @@ def load_for_eval(args: argparse.Namespace, need_tokenizer: bool) -> tuple[nn.Mo
 
 def recorded_state(ckpt: str | os.PathLike) -> dict:
     """The checkpoint's state as train.py saved it ({} for an HF export)."""
-    # Reads the checkpoint a second time (load_model does not return its state); only --bpb asks.
+    # Reads the checkpoint a second time (load_model does not return its state): once, and only for --bpb.
     ckpt = Path(ckpt)
     if ckpt.is_dir():
         latest = load_latest(ckpt)  # the checkpoint load_model took; None for an HF export
@@ -167,25 +167,14 @@ def recorded_state(ckpt: str | os.PathLike) -> dict:
     return load_checkpoint(ckpt)
 
 
-def recorded_data_dir(ckpt: str | os.PathLike) -> str | None:
-    """The data dir the checkpoint was trained on (train.py records it), or None (nothing recorded, HF export)."""
-    return recorded_state(ckpt).get("data_dir") or None
-
-
-def recorded_doc_mask(ckpt: str | os.PathLike) -> bool:
-    """Whether the checkpoint was trained with --doc-mask (then its bpb scores each document alone)."""
-    return bool((recorded_state(ckpt).get("train_config") or {}).get("doc_mask"))
-
-
-def bpb_data_dir(data: str | None, ckpt: str | os.PathLike, tok_path: Path | None) -> str:
-    """The data dir --bpb scores: --data, else the checkpoint's recorded one, else the tokenizer's, else the default.
+def bpb_data_dir(data: str | None, recorded: str | None, tok_path: Path | None) -> str:
+    """The data dir --bpb scores: --data, else the one the checkpoint records, else the tokenizer's, else the default.
 
     Says on stderr which one and why.
     """
     if data is not None:
         log(f"bpb data: {data} (--data)")
         return data
-    recorded = recorded_data_dir(ckpt)
     if recorded and Path(recorded).is_dir():
         log(f"bpb data: {recorded} (recorded in the checkpoint)")
         return recorded
@@ -215,9 +204,10 @@ def evaluate(args: argparse.Namespace, model: nn.Module, tok_path: Path | None, 
                                                  progress=True)
         results["bpb_text"]["source"] = str(args.text)
     if args.bpb:
-        data = bpb_data_dir(args.data, args.ckpt, tok_path)
+        recorded = recorded_state(args.ckpt)
+        data = bpb_data_dir(args.data, recorded.get("data_dir") or None, tok_path)
         key = f"bpb_{args.split}"
-        doc_mask = recorded_doc_mask(args.ckpt)
+        doc_mask = bool((recorded.get("train_config") or {}).get("doc_mask"))  # then each document is scored alone
         if doc_mask:
             log("bpb: each document scored alone (the model was trained with --doc-mask)")
         results[key] = bits_per_byte(model, data, args.split, args.seq_len, args.batch_size, args.max_tokens,
