@@ -235,7 +235,7 @@ def check_stage_flags(cfg: TrainConfig) -> None:
     if cfg.dpo_beta <= 0:
         fail(f"--dpo-beta must be positive, got {cfg.dpo_beta}")
     if cfg.doc_mask:
-        fail(f"--doc-mask is for pretraining; --stage {cfg.stage} packs whole examples and ignores it")
+        fail(f"--doc-mask is for pretraining; --stage {cfg.stage} already keeps attention within each example")
     if cfg.stage == "dpo" and cfg.fsdp:
         fail("--fsdp is not supported with --stage dpo (the frozen reference model is not sharded); use DDP "
              "(optionally --zero)")
@@ -509,10 +509,11 @@ def sft_micro_steps(run: Run) -> tuple[float, dict]:
     batches = [next(run.loader) for _ in range(cfg.grad_accum)]
     n_tokens = all_reduce_sum([sum(int((t != IGNORE_INDEX).sum()) for _, t, _ in batches)], run)[0]
     total = 0.0
-    for micro, (inputs, targets, _positions) in enumerate(batches):
+    for micro, (inputs, targets, positions) in enumerate(batches):
         sync = run.world_size == 1 or micro == cfg.grad_accum - 1
         with grad_sync(run, sync), autocast(run.device):
-            logits, _ = run.model(inputs.to(run.device))
+            # positions restart at each packed example: attention and RoPE stay within it
+            logits, _ = run.model(inputs.to(run.device), positions=positions.to(run.device))
             # DDP and FSDP average gradients over ranks; the world_size factor turns that average into the sum
             loss = sft_loss(logits, targets.to(run.device), max(n_tokens, 1.0)) * run.world_size
             loss.backward()
@@ -560,8 +561,8 @@ def evaluate_alignment(run: Run) -> None:
     with autocast(run.device):
         if cfg.stage == "sft":
             sums = [0.0, 0.0]
-            for inputs, targets, _ in sft_eval_batches(*args):
-                logits, _ = model(inputs.to(run.device))
+            for inputs, targets, positions in sft_eval_batches(*args):
+                logits, _ = model(inputs.to(run.device), positions=positions.to(run.device))
                 sums[0] += sft_loss(logits, targets.to(run.device), 1).item()
                 sums[1] += int((targets != IGNORE_INDEX).sum())
             nll, n = all_reduce_sum(sums, run)

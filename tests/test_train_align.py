@@ -108,14 +108,22 @@ def test_sft_loss_is_normalized_over_the_global_batch(task, tiny_run, tmp_path, 
             "whole": (1, ["--batch-size", "4"])}
     for name, (nproc, flags) in runs.items():
         proc = train(task["sft"], tmp_path / name, "--stage", "sft", "--init", str(tiny_run.run_dir),
-                     "--max-steps", "3", *flags, nproc=nproc)
+                     "--max-steps", "3", "--seq-len", "128", *flags, nproc=nproc)
         assert (nproc == 2) <= ("weights identical across 2 ranks: True" in proc.stdout)
-    # the first step's loss by hand: the init model's summed cross-entropy over the 4 rows / their assistant tokens
-    inputs, targets, _ = next(SFTLoader(task["sft"], "train", 64, 4, seed=1337))
+    # the first step's loss by hand: the init model's summed cross-entropy over the 4 rows' packed examples, each run
+    # through the model alone (so attention must not cross examples) / their assistant tokens
+    inputs, targets, positions = next(SFTLoader(task["sft"], "train", 128, 4, seed=1337))
     model, _ = load_model(tiny_run.run_dir)
-    with torch.no_grad():
-        logits, _ = model(inputs)
-    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    nll, examples = 0.0, 0
+    for row in range(inputs.shape[0]):
+        starts = (positions[row] == 0).nonzero().flatten().tolist() + [inputs.shape[1]]
+        for lo, hi in zip(starts[:-1], starts[1:], strict=True):
+            if (targets[row, lo:hi] != IGNORE_INDEX).any():
+                with torch.no_grad():
+                    logits, _ = model(inputs[row:row + 1, lo:hi])
+                nll += F.cross_entropy(logits[0], targets[row, lo:hi], ignore_index=IGNORE_INDEX, reduction="sum")
+                examples += 1
+    assert examples > inputs.shape[0], "the rows should pack several examples each"
     expected = (nll / (targets != IGNORE_INDEX).sum()).item()
     whole = losses(tmp_path / "whole")
     assert abs(whole[0][1] - expected) <= 1e-5 * expected
