@@ -197,7 +197,7 @@ def choice_logps(model: torch.nn.Module, tok: Tokenizer, messages: Messages, cho
 def choice_accuracy(model: torch.nn.Module, tok: Tokenizer, items: Sequence[dict], batch_size: int = 16) -> float:
     """Fraction of items whose answer has the highest log-likelihood among its choices (a tie counts as wrong).
 
-    The demo's accuracy: `choice_accuracy(model.eval(), tok, load_choice_set("DIR/source/eval.jsonl"))`.
+    The demo's accuracy (`python -m geb.eval --ckpt RUN --choices DIR/source/eval.jsonl`).
     """
     correct = 0
     for lo in range(0, len(items), batch_size):

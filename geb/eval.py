@@ -3,13 +3,15 @@
     python -m geb.eval --ckpt out/tiny --limit 500                      # default tasks, table + JSON
     python -m geb.eval --ckpt out/tiny --bpb                             # bits per byte on the run's own val split
     python -m geb.eval --ckpt out/tiny --tasks arc_easy mmlu --text a.txt --out results.json
+    python -m geb.eval --ckpt out/sft --choices data/sentiment/source/eval.jsonl   # chat multiple choice
 
 --ckpt is a run dir (its latest readable checkpoint), a checkpoint file or a Hugging Face export. --bpb scores the
 split of --data; without --data, the data dir the checkpoint records (train.py's --data), else the data dir the
 tokenizer sits in, else data/default; stderr says which and why. The markdown table goes to stdout; --out writes
 the results as JSON; for a run dir the headline scalars go into its TensorBoard logs as eval/<task>/<metric>
 (eval_int8/..., eval_int4/... with --quant) at the checkpoint's step. Bits per byte: geb.bpb; tasks and scoring:
-geb.tasks.
+geb.tasks. --choices: accuracy on a chat multiple-choice set, each choice scored by its log-likelihood after the
+templated prompt (geb.chat.choice_accuracy).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 
 from geb.bpb import bits_per_byte, bits_per_byte_text, log
+from geb.chat import choice_accuracy, load_choice_set
 from geb.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest, load_model
 from geb.cpu_linear import QUANTS, convert_for_cpu
 from geb.files import atomic_write_json
@@ -56,6 +59,10 @@ def markdown_table(results: dict) -> str:
             note = f"macro average of {len(r['subjects'])} subjects"
         lines.append(f"| {name} | {r['n']} | {_fmt(r['acc'])} | {_fmt(r.get('acc_norm_token'))} | "
                      f"{_fmt(r.get('acc_norm_byte'))} | {_fmt(r.get('stderr'))} | {_fmt(r.get('chance'))} | {note} |")
+    if "choices" in results:
+        c = results["choices"]
+        lines += [""] if lines else []
+        lines += ["| chat choices | n | acc |", "|---|---|---|", f"| {c['source']} | {c['n']} | {_fmt(c['acc'])} |"]
     bpb_rows = [(k, v) for k, v in results.items() if k.startswith("bpb")]
     if bpb_rows:
         lines += [""] if lines else []
@@ -76,6 +83,8 @@ def tensorboard_scalars(results: dict) -> dict[str, float]:
         for key in ("acc", "acc_norm_token", "acc_norm_byte", "ppl"):
             if key in r:
                 out[f"{prefix}/{name}/{key}"] = r[key]
+    if "choices" in results:
+        out[f"{prefix}/choices/acc"] = results["choices"]["acc"]
     for k, v in results.items():
         if k.startswith("bpb"):
             out[f"{prefix}/{k}/bpb"] = v["bpb"]
@@ -125,6 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--split", default="val", help="split for --bpb")
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the split")
     ap.add_argument("--text", default=None, help="UTF-8 text file to measure bits per byte on")
+    ap.add_argument("--choices", default=None,
+                    help="chat multiple-choice JSONL ({prompt: messages, choices, answer}), scored by log-likelihood")
     ap.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the checkpoint's)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=None, help="bpb window (default: the model's context)")
@@ -141,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quant != "none" and args.device != "cpu":
         sys.exit(f"error: --quant {args.quant} runs on the CPU, not --device {args.device}")
     if args.tasks is None:
-        args.tasks = [] if (args.bpb or args.text) else list(DEFAULT_TASKS)
+        args.tasks = [] if (args.bpb or args.text or args.choices) else list(DEFAULT_TASKS)
     return args
 
 
@@ -194,8 +205,16 @@ def read_text(path: str) -> str:
         sys.exit(f"error: {path}: cannot read as UTF-8 text ({e})")
 
 
+def read_choice_set(path: str) -> list[dict]:
+    """The items of --choices; exits with a one-line error naming the file otherwise."""
+    try:
+        return load_choice_set(path)
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"error: {path}: cannot read as a UTF-8 JSONL choice set ({e})")
+
+
 def evaluate(args: argparse.Namespace, model: nn.Module, tok_path: Path | None, tasks: list[str]) -> dict:
-    """Text bpb (--text), split bpb (--bpb) and the tasks, in that order, as one results dict."""
+    """Text bpb (--text), split bpb (--bpb), the chat choice set (--choices) and the tasks, as one results dict."""
     tokenizer = Tokenizer(tok_path) if tok_path else None
     results: dict = {"ckpt": str(args.ckpt), "quant": args.quant, "limit": args.limit, "tasks": {}}
     if args.text:
@@ -213,6 +232,10 @@ def evaluate(args: argparse.Namespace, model: nn.Module, tok_path: Path | None, 
         results[key] = bits_per_byte(model, data, args.split, args.seq_len, args.batch_size, args.max_tokens,
                                      args.device, progress=True, doc_mask=doc_mask)
         results[key]["source"] = f"{data} ({args.split})"
+    if args.choices:
+        items = read_choice_set(args.choices)
+        results["choices"] = {"source": str(args.choices), "n": len(items),
+                              "acc": choice_accuracy(model, tokenizer, items, args.batch_size)}
     if tasks:
         results["tasks"] = run_tasks(model, tokenizer, tasks, args.limit, args.batch_size, args.device,
                                      data_root=args.task_data)
@@ -226,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, args.threads))
     try:
         tasks = resolve_tasks(args.tasks)
-        model, tok_path = load_for_eval(args, need_tokenizer=bool(tasks or args.text))
+        model, tok_path = load_for_eval(args, need_tokenizer=bool(tasks or args.text or args.choices))
         results = evaluate(args, model, tok_path, tasks)
     except ValueError as e:  # EvalError, DataError, CheckpointError and the tokenizer's errors are all ValueErrors
         sys.exit(f"error: {e}")

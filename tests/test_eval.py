@@ -1,16 +1,20 @@
 """geb.eval: the `python -m geb.eval` command line (tables, JSON, TensorBoard, int8, the data dir --bpb scores)."""
 
 import json
+import random
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import corpus_text
 
 from geb.bpb import bits_per_byte
+from geb.chat import encode_prompt
 from geb.checkpoint import list_checkpoints, load_checkpoint, load_model, save_checkpoint
 from geb.data import prepare
 from geb.eval import main, tensorboard_scalars
+from geb.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
@@ -150,3 +154,37 @@ def test_cli_bpb_scores_documents_alone_for_a_doc_mask_run(tiny_run, two_data_di
     expected = bits_per_byte(model.eval(), data, doc_mask=True)
     assert got["bpb"] == pytest.approx(expected["bpb"], rel=1e-6) and got["tokens"] == expected["tokens"]
     assert without["bpb"] != pytest.approx(got["bpb"], rel=1e-4)
+
+
+def test_cli_choices_scores_each_choice_by_its_log_likelihood(tiny_run, tmp_path, capsys):
+    """--choices: the accuracy equals a by-hand count over full-sequence log-probs of prompt + choice + EOS."""
+    model, _ = load_model(tiny_run.run_dir)
+    tok = Tokenizer(tiny_run.tokenizer_file)
+    rng = random.Random(7)
+    words = ["sun", "rain", "road", "king", "night", "wind", "castle", "sword"]
+    items = [{"prompt": [{"role": "user", "content": " ".join(rng.sample(words, 4))}],
+              "choices": rng.sample(words, 3), "answer": rng.randrange(3)} for _ in range(12)]
+    path = tmp_path / "choices.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    correct = 0
+    for item in items:
+        prompt = encode_prompt(item["prompt"], tok)
+        scores = []
+        for choice in item["choices"]:
+            answer = tok.encode(choice) + [tok.eos_id]
+            ids = torch.tensor([prompt + answer])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids[:, :-1])[0].double(), -1)[0]
+            scores.append(sum(logp[len(prompt) - 1 + i, a].item() for i, a in enumerate(answer)))
+        correct += max(range(3), key=scores.__getitem__) == item["answer"]
+    res = eval_json(["--ckpt", tiny_run.run_dir, "--choices", path, "--batch-size", "5"], tmp_path / "c.json")
+    assert res["choices"]["n"] == 12 and res["tasks"] == {}
+    assert res["choices"]["acc"] == correct / 12, correct
+    assert 0 < correct < 12, "a set the model gets all right or all wrong tests little"
+    assert "| chat choices | n | acc |" in capsys.readouterr().out
+    assert set(tensorboard_scalars(res)) == {"eval/choices/acc"}
+    path.write_text(json.dumps({"prompt": "not messages", "choices": ["a"], "answer": 0}) + "\n")
+    with pytest.raises(SystemExit, match=r"error: .*choices\.jsonl:1: want"):
+        main(["--ckpt", str(tiny_run.run_dir), "--choices", str(path)])
+    with pytest.raises(SystemExit, match=r"error: .*missing\.jsonl: cannot read"):
+        main(["--ckpt", str(tiny_run.run_dir), "--choices", str(tmp_path / "missing.jsonl")])
