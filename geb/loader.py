@@ -167,6 +167,7 @@ def doc_positions(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
     return o_t - torch.where(starts, o_t, 0).cummax(-1).values
 
 
+@torch.compiler.disable  # data-dependent sizes: a compiled model runs this eagerly, between its graphs
 def segments(positions: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The segments of a (B, T) positions batch flattened to B*T tokens: int32 cumulative lengths (a segment starts
     where the position is 0) and the longest length, as `kernels.flash_attn_varlen_func` takes them."""

@@ -20,6 +20,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     return out.transpose(1, 2)
 
 
+@torch.compiler.disable  # one SDPA per document, sizes read from the data: runs eagerly inside a compiled model
 def attention_varlen_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, causal: bool, softmax_scale: float) -> torch.Tensor:
     """Attention within packed documents (q (total_q, Hq, D), k/v (total_k, Hkv, D)): SDPA on each document alone."""
