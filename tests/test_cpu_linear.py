@@ -223,7 +223,7 @@ def q4_kernel(request):
 
 def test_q4_kernel_against_fp64(q4_kernel):
     """geb/gemv.cpp's Q4_0 kernels (AVX2 and AVX-512 VNNI) against fp64 of the same block-dequantized weights and
-    int8 activation blocks: one token and prompt tiles (input counts not a multiple of the tiles' 3 or 6), row counts
+    int8 activation blocks: one token and prompt tiles (input counts not a multiple of the tiles' 3 or 4), row counts
     not a multiple of 4, lengths not a multiple of 32 or 256, an LM-head-like matrix of many rows; and long prompts
     (fp32 GEMM on dequantized rows, in chunks of 256 rows) against fp64 of the unquantized activations."""
     torch.manual_seed(5)
