@@ -325,7 +325,8 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, Q4_0 (geb AVX2 kernels)"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, Q4_0 (geb {use_q4_kernel()} "
+                "kernels)")
 
 
 def quantize_int4(model: nn.Module) -> str:
