@@ -10,8 +10,10 @@
 // the high one), so one 256-bit load and two masks give two blocks; scales [N, Kp / 32] fp16. Kp is K rounded up to a
 // multiple of 256 (zero padding) so scales go eight at a time. Activations are quantized per call to int8 per block
 // of 32 (as ggml's Q8_0: d = max|x| / 127, round to nearest even). The block dot product multiplies the unsigned
-// nibbles with the signed activations (vpmaddubsw: no sign trick needed) and subtracts 8 * sum(x_q) per block after
-// the loop: w.x = sum_b dw_b dx_b (sum_j q_j xq_j - 8 sum_j xq_j).
+// nibbles with the signed activations (vpmaddubsw, or vpdpbusd with AVX-512 VNNI: no sign trick needed) and subtracts
+// 8 * sum(x_q) per block after the loop: w.x = sum_b dw_b dx_b (sum_j q_j xq_j - 8 sum_j xq_j). The tiles are in
+// geb/gemv_q4.h, compiled twice below (AVX2, and AVX-512 VNNI by a target pragma: the rest of this file, built with
+// -mavx2, never runs an AVX-512 instruction on a CPU without it).
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <immintrin.h>
