@@ -202,6 +202,7 @@ constexpr int kQ4Inputs = 4;  // 4 x 4 accumulators (of 32 registers); 4 x 5 and
 // The Q4 kernels this CPU runs: AVX-512 VNNI where the CPU (and OS) has it, else AVX2; GEB_CPU_ISA=avx2 in the
 // environment, or geb::q4_kernel("avx2"), forces AVX2 (so both are tested on an AVX-512 machine).
 bool cpu_has_vnni() {
+  __builtin_cpu_init();  // this runs from a static initializer, maybe before libgcc's own
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
