@@ -267,7 +267,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     p.add_argument("--quant", choices=QUANTS, default="none",
                    help="weights of every linear layer: none = fp32 (geb AVX2 kernel), int8 = dynamic int8, "
-                   "int4 = Q4_0 (geb AVX2 kernel)")
+                   "int4 = Q4_0 (geb AVX-512 VNNI or AVX2 kernel)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
     p.add_argument("--no-cache", action="store_true",
                    help="neither use nor write the converted weights in geb's cache dir (GEB_CACHE)")

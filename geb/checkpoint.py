@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from geb.config import ModelConfig
 from geb.files import atomic_path, file_sha256, remove_temp_files
@@ -102,6 +101,8 @@ def save_sharded_checkpoint(out_dir: str | os.PathLike, step: int, tensors: dict
         remove_temp_files(path.parent)  # leftovers of a save that was killed
         tmp.mkdir()
     _barrier()
+    import torch.distributed.checkpoint as dcp  # here, not at the top: its import costs CPU inference 1.4 s a start
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: no collectives
         dcp.save(tensors, checkpoint_id=tmp)
@@ -133,6 +134,8 @@ def _fsync_tree(directory: Path) -> None:
 def load_sharded_tensors(path: str | os.PathLike, tensors: dict, single_process: bool = False) -> None:
     """Fill `tensors` (a state dict of plain tensors or DTensors, any world size) in place from a sharded
     checkpoint; collective on every rank unless single_process."""
+    import torch.distributed.checkpoint as dcp  # here, not at the top: its import costs CPU inference 1.4 s a start
+
     single_process = single_process or not (dist.is_available() and dist.is_initialized())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

@@ -19,13 +19,15 @@ Int8 methods (measured on our CPU; see BENCHMARKS.md "CPU decode"):
   has no quantized CPU engine. Slow on our CPU, but available everywhere.
 torchao (0.18) was measured too and was slower than all but "woq" here; it is not a dependency.
 
-Int4 ("q4_0"): ggml's Q4_0 values (blocks of 32 weights, one fp16 scale each) in geb/gemv.cpp's layout, on its AVX2
-integer kernel (activations quantized to int8 per block at each call). PyTorch has no fast 4-bit CPU kernel for fp32
+Int4 ("q4_0"): ggml's Q4_0 values (blocks of 32 weights, one fp16 scale each) in geb/gemv.cpp's layout, on its
+integer kernels (activations quantized to int8 per block at each call): AVX-512 VNNI where the CPU has it, else AVX2
+(`use_q4_kernel`, or GEB_CPU_ISA=avx2, picks AVX2 on an AVX-512 machine). PyTorch has no fast 4-bit CPU kernel for fp32
 activations on AVX2 (its int4 CPU kernels vectorize bf16 activations, or need Arm or AVX-512).
 The embedding stays fp32: a lookup reads one row per token, quantizing it saves memory, not time.
 """
 
 import functools
+import hashlib
 import sys
 import threading
 import time
@@ -121,15 +123,41 @@ def load_gemv() -> bool:
         if not any(build_dir.glob("*.so")):
             print(f"[geb.cpu_linear] building {source.name} into {build_dir} (first use only, ~30 s)", file=sys.stderr,
                   flush=True)
+    # torch hashes the listed sources only: the included header's hash goes into the flags so a change rebuilds.
+    header = hashlib.sha256(source.with_name("gemv_q4.h").read_bytes()).hexdigest()[:16]
     try:
-        # -mavx2 -mfma, not -march=native: a build cached in a shared home directory must run on any AVX2 machine.
-        cpp_extension.load("geb_gemv", [str(source)], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+        # -mavx2 -mfma, not -march=native: a build cached in a shared home directory must run on any AVX2 machine
+        # (the AVX-512 VNNI kernels are compiled by a target pragma and run only where the CPU has them).
+        cpp_extension.load("geb_gemv", [str(source)], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp",
+                                                                    f"-DGEB_Q4_H={header}"],
                            extra_ldflags=["-fopenmp"], is_python_module=False)
     except (OSError, RuntimeError, ImportError) as e:  # no compiler or ninja, or a failed build
         warnings.warn(f"could not build {source} ({type(e).__name__}: {e}); fp32 decoding falls back to oneDNN or "
                       "MKL. It needs a C++ compiler and ninja (pip install ninja).", stacklevel=2)
         return False
     return True
+
+
+def q4_kernels() -> list[str]:
+    """The Q4_0 kernels this CPU runs: "avx2", and "vnni" (AVX-512 VNNI) where it has it; [] without geb/gemv.cpp."""
+    if not load_gemv():
+        return []
+    current = torch.ops.geb.q4_kernel()
+    try:
+        torch.ops.geb.q4_kernel("vnni")
+        return ["avx2", "vnni"]
+    except RuntimeError:  # no AVX-512 VNNI here
+        return ["avx2"]
+    finally:
+        torch.ops.geb.q4_kernel(current)
+
+
+def use_q4_kernel(isa: str = "") -> str:
+    """Make geb/gemv.cpp's Q4_0 operator use the kernels of isa ("avx2" or "vnni"; "" keeps them); those in use.
+    By default it uses AVX-512 VNNI where the CPU has it, unless GEB_CPU_ISA=avx2 is set when it loads."""
+    if not load_gemv():
+        raise RuntimeError("geb/gemv.cpp is not built here: an AVX2 CPU, a C++ compiler and ninja are needed")
+    return torch.ops.geb.q4_kernel(isa)
 
 
 def _keep(packed) -> int:
@@ -297,7 +325,8 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, Q4_0 (geb AVX2 kernels)"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, Q4_0 (geb {use_q4_kernel()} "
+                "kernels)")
 
 
 def quantize_int4(model: nn.Module) -> str:

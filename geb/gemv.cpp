@@ -10,14 +10,19 @@
 // the high one), so one 256-bit load and two masks give two blocks; scales [N, Kp / 32] fp16. Kp is K rounded up to a
 // multiple of 256 (zero padding) so scales go eight at a time. Activations are quantized per call to int8 per block
 // of 32 (as ggml's Q8_0: d = max|x| / 127, round to nearest even). The block dot product multiplies the unsigned
-// nibbles with the signed activations (vpmaddubsw: no sign trick needed) and subtracts 8 * sum(x_q) per block after
-// the loop: w.x = sum_b dw_b dx_b (sum_j q_j xq_j - 8 sum_j xq_j).
+// nibbles with the signed activations (vpmaddubsw, or vpdpbusd with AVX-512 VNNI: no sign trick needed) and subtracts
+// 8 * sum(x_q) per block after the loop: w.x = sum_b dw_b dx_b (sum_j q_j xq_j - 8 sum_j xq_j). The tiles are in
+// geb/gemv_q4.h, compiled twice below (AVX2, and AVX-512 VNNI by a target pragma: the rest of this file, built with
+// -mavx2, never runs an AVX-512 instruction on a CPU without it).
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include <torch/library.h>
@@ -142,7 +147,7 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const std::
 }
 
 constexpr int64_t kQ4Rows = 4;  // weight rows a tile: each activation block loaded serves four of them
-constexpr int kQ4Inputs = 3;  // input rows a prompt tile
+constexpr int64_t kQ4PrefetchGroups = 4;  // how far ahead (in groups of kQ4Rows rows) q4_tile prefetches
 // Longer prompts: rows dequantized to fp32 a chunk at a time and multiplied by at::mm. At 512 tokens that was about
 // level with the integer tiles in a one-matrix timing and slower in a whole-model run, so only prompts past 1024 take
 // it; geb/cpu_linear.py mirrors this as Q4_MAX_TILED_ROWS.
@@ -179,71 +184,43 @@ QuantizedInput quantize_input(const float* x, int64_t M, int64_t K, int64_t Kp) 
   return q;
 }
 
-// y[m + i, n + r] for r < R, i < I: the Q4 rows n.. of the weight against the quantized inputs m...
-template <int R, int I>
-void q4_tile(const uint8_t* qs, const uint16_t* scales, const QuantizedInput& in, float* y, int64_t n, int64_t m,
-             int64_t N, int64_t Kp) {
-  const int64_t nb = Kp / 32;
-  const __m256i b_mask = _mm256_set1_epi8(0x0F);
-  const __m256i b_ones = _mm256_set1_epi16(1);
-  __m256 b_acc[R][I];
-  for (int r = 0; r < R; r++)
-    for (int i = 0; i < I; i++) b_acc[r][i] = _mm256_setzero_ps();
-  alignas(32) float s[R][I][8];  // dw * dx of the eight blocks in flight
-  for (int64_t b0 = 0; b0 < nb; b0 += 8) {
-    for (int r = 0; r < R; r++) {
-      const __m256 b_dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
-          scales + (n + r) * nb + b0)));
-      for (int i = 0; i < I; i++)
-        _mm256_store_ps(s[r][i], _mm256_mul_ps(b_dw, _mm256_loadu_ps(in.dx.data() + (m + i) * nb + b0)));
-    }
-    for (int c = 0; c < 4; c++) {  // four chunks of 64 weights: eight blocks
-      const int64_t b = b0 + 2 * c;
-      for (int r = 0; r < R; r++) {
-        const __m256i b_q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + (n + r) * (Kp / 2) + b * 16));
-        const __m256i b_lo = _mm256_and_si256(b_q, b_mask);  // block b
-        const __m256i b_hi = _mm256_and_si256(_mm256_srli_epi16(b_q, 4), b_mask);  // block b + 1
-        for (int i = 0; i < I; i++) {
-          const int8_t* p_x = in.xq.data() + (m + i) * Kp + b * 32;
-          const __m256i b_x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p_x));
-          const __m256i b_x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p_x + 32));
-          const __m256i b_p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(b_lo, b_x0), b_ones);  // [8] int32
-          const __m256i b_p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(b_hi, b_x1), b_ones);
-          b_acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(b_p0), _mm256_broadcast_ss(&s[r][i][2 * c]), b_acc[r][i]);
-          b_acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(b_p1), _mm256_broadcast_ss(&s[r][i][2 * c + 1]),
-                                        b_acc[r][i]);
-        }
-      }
-    }
-  }
-  for (int r = 0; r < R; r++) {
-    const uint16_t* p_s = scales + (n + r) * nb;
-    for (int i = 0; i < I; i++) {
-      // The -8 of every nibble: sum_b dw_b * c_b, eight blocks at a time.
-      const float* p_c = in.c.data() + (m + i) * nb;
-      __m256 b_corr = _mm256_setzero_ps();
-      for (int64_t b = 0; b < nb; b += 8)
-        b_corr = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p_s + b))),
-                                 _mm256_loadu_ps(p_c + b), b_corr);
-      y[(m + i) * N + n + r] = hsum(b_acc[r][i]) - hsum(b_corr);
-    }
-  }
+namespace avx2 {
+constexpr int kQ4Inputs = 3;  // input rows a prompt tile: 4 x 3 accumulators + weights and inputs = 16 registers
+#include "gemv_q4.h"
+}  // namespace avx2
+
+namespace vnni {
+constexpr int kQ4Inputs = 4;  // 4 x 4 accumulators (of 32 registers); 4 x 5 and 4 x 6 were slower (40-55 vs 66 GMAC/s)
+#define GEB_Q4_VNNI
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+#include "gemv_q4.h"
+#pragma GCC pop_options
+#undef GEB_Q4_VNNI
+}  // namespace vnni
+
+// The Q4 kernels this CPU runs: AVX-512 VNNI where the CPU (and OS) has it, else AVX2; GEB_CPU_ISA=avx2 in the
+// environment, or geb::q4_kernel("avx2"), forces AVX2 (so both are tested on an AVX-512 machine).
+bool cpu_has_vnni() {
+  __builtin_cpu_init();  // this runs from a static initializer, maybe before libgcc's own
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
-// All M inputs against the weight rows of groups [begin, end) of kQ4Rows rows (the last group may be short).
-void q4_rows(const uint8_t* qs, const uint16_t* scales, const QuantizedInput& in, float* y, int64_t begin,
-             int64_t end, int64_t M, int64_t N, int64_t Kp) {
-  for (int64_t g = begin; g < end; g++) {
-    const int64_t n = g * kQ4Rows;
-    if (n + kQ4Rows <= N) {
-      int64_t m = 0;
-      for (; m + kQ4Inputs <= M; m += kQ4Inputs) q4_tile<kQ4Rows, kQ4Inputs>(qs, scales, in, y, n, m, N, Kp);
-      for (; m < M; m++) q4_tile<kQ4Rows, 1>(qs, scales, in, y, n, m, N, Kp);
-    } else {
-      for (int64_t r = n; r < N; r++)
-        for (int64_t m = 0; m < M; m++) q4_tile<1, 1>(qs, scales, in, y, r, m, N, Kp);
-    }
-  }
+bool initial_use_vnni() {
+  const char* isa = std::getenv("GEB_CPU_ISA");
+  return cpu_has_vnni() && !(isa != nullptr && std::string(isa) == "avx2");
+}
+
+std::atomic<bool> g_q4_vnni{initial_use_vnni()};
+
+// Set the Q4 kernels ("avx2" or "vnni"; "" leaves them) and return those in use.
+std::string q4_kernel(const std::string& isa) {
+  TORCH_CHECK(isa.empty() || isa == "avx2" || isa == "vnni", "geb::q4_kernel: isa must be 'avx2', 'vnni' or '', got '",
+              isa, "'");
+  TORCH_CHECK(isa != "vnni" || cpu_has_vnni(), "geb::q4_kernel: this CPU has no AVX-512 VNNI");
+  if (!isa.empty()) g_q4_vnni = isa == "vnni";
+  return g_q4_vnni ? "vnni" : "avx2";
 }
 
 // w [n1 - n0, K] fp32 = rows n0.. of the Q4 weight, (q - 8) * d.
@@ -305,8 +282,9 @@ at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   const uint8_t* p_qs = qs.data_ptr<uint8_t>();
   const uint16_t* p_s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   float* p_y = y.data_ptr<float>();
+  const auto rows = g_q4_vnni ? &vnni::q4_rows : &avx2::q4_rows;
   at::parallel_for(0, (N + kQ4Rows - 1) / kQ4Rows, M > 1 ? 1 : 16, [&](int64_t begin, int64_t end) {
-    q4_rows(p_qs, p_s, in, p_y, begin, end, M, N, Kp);
+    rows(p_qs, p_s, in, p_y, begin, end, M, N, Kp);
   });
   return y.to(x.scalar_type());
 }
@@ -316,4 +294,8 @@ at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
 TORCH_LIBRARY_IMPL(geb, CPU, m) {
   m.impl("linear_f32", &linear_f32);
   m.impl("linear_q4", &linear_q4);
+}
+
+TORCH_LIBRARY_FRAGMENT(geb, m) {
+  m.def("q4_kernel(str isa=\"\") -> str", &q4_kernel);
 }

@@ -233,7 +233,7 @@ from test_checkpoint import save_sharded
 def killed(tensors, checkpoint_id):
     torch.save(tensors, os.path.join(checkpoint_id, "__0_0.distcp"))  # a shard half-way, then the process dies
     os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.dcp.save = killed
+dcp.save = killed  # geb.checkpoint imports dcp where it saves
 save_sharded({out!r}, 4, seed=4)
 """
 

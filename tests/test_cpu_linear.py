@@ -4,6 +4,8 @@ order, geb's AVX2 kernel against fp64 on odd shapes, long prompts on oneDNN, a s
 import copy
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import gguf
@@ -18,8 +20,10 @@ from geb.cpu_linear import (
     convert_for_cpu,
     dequantize_q4_0,
     load_gemv,
+    q4_kernels,
     quantize_int8,
     quantize_q4_0,
+    use_q4_kernel,
 )
 from geb.generate import Decoder
 
@@ -199,37 +203,62 @@ def _check_linear_q4(n: int, k: int, m: int) -> None:
     # Integer block sums are exact: what is left is fp32 rounding of the scales' products and the sums.
     bound = 1e-5 * (xq.abs() @ wd.abs().t()) + 1e-6
     assert ((y.double() - ref).abs() <= bound).all(), ((y.double() - ref).abs() / bound).max().item()
-    # Against the unquantized activations: int8 per block of 32 loses little.
+    # Against the unquantized activations: int8 per block of 32 loses little (a cosine over as few as 3 outputs of
+    # 47-long rows can reach 0.998).
     cos = torch.nn.functional.cosine_similarity(y.double(), x.double() @ wd.t(), dim=-1)
-    assert cos.min() > 0.999, cos.min().item()
+    assert cos.min() > 0.995, cos.min().item()
 
 
-def test_q4_kernel_against_fp64():
-    """geb/gemv.cpp's Q4_0 kernel against fp64 of the same block-dequantized weights and int8 activation blocks:
-    one token and prompt tiles (input counts not a multiple of its 3), row counts not a multiple of 4, lengths not a
-    multiple of 32 or 256, an LM-head-like matrix of many rows; and long prompts (fp32 GEMM on dequantized rows, in
-    chunks of 256 rows) against fp64 of the unquantized activations."""
+@pytest.fixture(params=["avx2", "vnni"])
+def q4_kernel(request):
+    """Each of geb/gemv.cpp's Q4_0 kernels in turn (skipped where the CPU lacks it); the default restored after."""
     _needs_gemv()
+    if request.param not in q4_kernels():
+        pytest.skip(f"this CPU has no {request.param} kernel")
+    default = use_q4_kernel()
+    use_q4_kernel(request.param)
+    yield request.param
+    use_q4_kernel(default)
+
+
+def test_q4_kernel_against_fp64(q4_kernel):
+    """geb/gemv.cpp's Q4_0 kernels (AVX2 and AVX-512 VNNI) against fp64 of the same block-dequantized weights and
+    int8 activation blocks: one token and prompt tiles (input counts not a multiple of the tiles' 3 or 4), row counts
+    not a multiple of 4, lengths not a multiple of 32 or 256, an LM-head-like matrix of many rows; and long prompts
+    (fp32 GEMM on dequantized rows, in chunks of 256 rows) against fp64 of the unquantized activations."""
     torch.manual_seed(5)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         for n, k in [(1, 32), (3, 47), (4, 256), (7, 96), (13, 300), (130, 2048), (515, 704), (4099, 96)]:
-            for m in (1, 2, 3, 5, 17):
+            for m in (1, 2, 3, 5, 7, 17):
                 _check_linear_q4(n, k, m)
         for n, k in [(3, 47), (515, 300)]:
             _check_linear_q4(n, k, Q4_MAX_TILED_ROWS + 1)
     finally:
         torch.set_num_threads(threads)
+    assert use_q4_kernel() == q4_kernel
     with pytest.raises(RuntimeError, match="last dimension must be 96"):
         torch.ops.geb.linear_q4(torch.randn(1, 95), *quantize_q4_0(torch.randn(4, 96)), 96)
     with pytest.raises(RuntimeError, match="no backward"):
         torch.ops.geb.linear_q4(torch.randn(1, 96, requires_grad=True), *quantize_q4_0(torch.randn(4, 96)), 96)
 
 
-def test_int4_logits_close_to_fp32(tiny_model, tokenizer):
-    """--quant int4 on the trained tiny model: every linear (LM head included) in Q4_0, logits close to fp32."""
+def test_q4_kernel_choice():
+    """AVX-512 VNNI by default where the CPU has it; GEB_CPU_ISA=avx2 forces AVX2 from the start; a bad name is
+    refused."""
     _needs_gemv()
+    assert use_q4_kernel() == q4_kernels()[-1]
+    with pytest.raises(RuntimeError, match="isa must be 'avx2', 'vnni' or ''"):
+        use_q4_kernel("avx512")
+    code = "from geb.cpu_linear import use_q4_kernel; print(use_q4_kernel())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "GEB_CPU_ISA": "avx2"}, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == "avx2"
+
+
+def test_int4_logits_close_to_fp32(tiny_model, tokenizer, q4_kernel):
+    """--quant int4 on the trained tiny model: every linear (LM head included) in Q4_0, logits close to fp32."""
     idx = torch.tensor([tokenizer.encode(INT8_TEXT)[:48]])
     with torch.no_grad():
         ref, _ = tiny_model(idx)
