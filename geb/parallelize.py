@@ -64,16 +64,10 @@ class AllReduceScatter:
 
 
 def tune_for_gloo(model: GEB) -> None:
-    """CPU ranks: reduce-scatter gradients with Gloo's faster all-reduce, and all-gather each block asynchronously one
-    block ahead, in the forward (explicit prefetch) and in the backward (FSDP's own one-ahead prefetch), so Gloo's
-    threads move the next block while this one computes; without CUDA streams FSDP2 otherwise waits for every
-    all-gather where it is issued. Costs one more gathered block at a time."""
+    """CPU ranks: every FSDP group reduce-scatters its gradients with Gloo's faster all-reduce."""
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_custom_reduce_scatter(AllReduceScatter())
-    model._set_unshard_async_op(True)  # FSDP2's switch for async pre-forward/pre-backward all-gathers (torch 2.13)
-    for block, after in zip(model.layers[:-1], model.layers[1:], strict=True):
-        block.set_modules_to_forward_prefetch([after])
 
 
 def apply_fsdp(model: GEB, device: torch.device) -> None:
