@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from geb.model import GEB
 
@@ -40,6 +40,36 @@ def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
+class AllReduceScatter:
+    """FSDP2's gradient reduce-scatter done as an all-reduce of the flat gradient buffer, keeping this rank's shard
+    (FSDP2's custom-collective hook, `set_custom_reduce_scatter`). Gloo's reduce_scatter takes about 1.4x its ring
+    all_reduce of the same buffer, and FSDP2 runs it synchronously on CPU. The input buffer, which FSDP frees right
+    after, is reduced in place: no memory is added."""
+
+    def allocate(self, size: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The output buffer, as FSDP2's default collective allocates it."""
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
+                 op: dist.ReduceOp, async_op: bool = False) -> None:
+        """Sum input_tensor over the group in place; write this rank's 1/N of it (averaged for AVG) to output."""
+        if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
+            raise ValueError(f"AllReduceScatter supports SUM and AVG, got {op}")
+        dist.all_reduce(input_tensor, group=group)
+        shard = input_tensor.view(group.size(), -1)[group.rank()]
+        if op == dist.ReduceOp.AVG:
+            torch.div(shard, group.size(), out=output_tensor.view(-1))
+        else:
+            output_tensor.view(-1).copy_(shard)
+
+
+def tune_for_gloo(model: GEB) -> None:
+    """CPU ranks: every FSDP group reduce-scatters its gradients with Gloo's faster all-reduce."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_custom_reduce_scatter(AllReduceScatter())
+
+
 def apply_fsdp(model: GEB, device: torch.device) -> None:
     """FSDP2 over every rank of the default process group: one group per block; untied, the embedding and the
     final norm with the LM head are groups of their own (so only one of the two big matrices is ever gathered);
@@ -55,6 +85,8 @@ def apply_fsdp(model: GEB, device: torch.device) -> None:
     if not model.config.tie_embeddings:
         fully_shard([model.norm, model.lm_head], mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if device.type == "cpu":
+        tune_for_gloo(model)
 
 
 def parallelize(model: GEB, device: torch.device, *, fsdp: bool = False, ac: str = "none",
