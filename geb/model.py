@@ -105,9 +105,14 @@ class Attention(nn.Module):
         elif self.kv_cache is None:
             y = kernels.flash_attn_func(q, k, v, causal=True, impl=self.impl)
         else:
-            # gpt-fast's shape: attend over the whole preallocated cache with a mask, so every decode step has the
-            # same shapes and a compiled step never recompiles. kernels.flash_attn_func takes no mask, hence SDPA.
+            # gpt-fast's shape: a compiled step attends over the whole preallocated cache with a mask, so every
+            # decode step has the same shapes and never recompiles. Eager steps attend over the filled positions
+            # only: a chat's 2048-position cache would otherwise cost more than the weights on a CPU.
+            # kernels.flash_attn_func takes no mask, hence SDPA.
             k, v = self.kv_cache.write(input_pos, k, v)
+            if not torch.compiler.is_compiling():
+                filled = int(input_pos.max()) + 1
+                k, v = k[:, :filled], v[:, :filled]
             mask = torch.arange(k.shape[1], device=x.device)[None, :] <= input_pos[:, None]
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                attn_mask=mask, enable_gqa=True).transpose(1, 2)
