@@ -141,7 +141,7 @@ def test_sft_learns_a_synthetic_task_to_high_held_out_accuracy(task, tiny_run, t
                  "--batch-size", "4", "--lr", "3e-3", "--eval-every", "50", "--save-every", "50")
     assert "val_loss" in proc.stdout
     val = [r["val_loss"] for r in metrics(out) if "val_loss" in r]
-    assert len(val) == 2 and val[1] < val[0] < 0.5
+    assert len(val) == 2 and val[1] < min(val[0], 0.5)
     state = torch.load(out / "ckpt-0000100.pt", weights_only=False)
     assert state["stage"] == "sft" and json.loads((out / "config.json").read_text())["stage"] == "sft"
     after = choice_accuracy(load_model(out)[0].eval(), tokenizer, task["held_out"])
