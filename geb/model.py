@@ -87,9 +87,10 @@ class Attention(nn.Module):
         return self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None = None,
-                segs: Segments | None = None) -> torch.Tensor:
+                segs: Segments | None = None, kv_len: int | None = None) -> torch.Tensor:
         """x (B, T, d_model); cos/sin (T, head_dim // 2) or per token (B, T, head_dim // 2); input_pos (T,), the
-        positions written to the KV cache; segs, attention only within these segments of the B*T tokens."""
+        positions written to the KV cache; segs, attention only within these segments of the B*T tokens; kv_len,
+        attend over the cache's first kv_len positions only (None: the whole cache)."""
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.view(b, t, self.n_heads, self.head_dim)
@@ -106,13 +107,11 @@ class Attention(nn.Module):
             y = kernels.flash_attn_func(q, k, v, causal=True, impl=self.impl)
         else:
             # gpt-fast's shape: a compiled step attends over the whole preallocated cache with a mask, so every
-            # decode step has the same shapes and never recompiles. Eager steps attend over the filled positions
-            # only: a chat's 2048-position cache would otherwise cost more than the weights on a CPU.
+            # decode step has the same shapes and never recompiles; eager steps pass kv_len (GEB.forward).
             # kernels.flash_attn_func takes no mask, hence SDPA.
             k, v = self.kv_cache.write(input_pos, k, v)
-            if not torch.compiler.is_compiling():
-                filled = int(input_pos.max()) + 1
-                k, v = k[:, :filled], v[:, :filled]
+            if kv_len is not None:
+                k, v = k[:, :kv_len], v[:, :kv_len]
             mask = torch.arange(k.shape[1], device=x.device)[None, :] <= input_pos[:, None]
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                attn_mask=mask, enable_gqa=True).transpose(1, 2)
@@ -153,16 +152,17 @@ class Block(nn.Module):
         self.post_norm = config.norm_position == "post"
 
     def forward(self, x: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                input_pos: torch.Tensor | None = None,
-                segs: Segments | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                input_pos: torch.Tensor | None = None, segs: Segments | None = None,
+                kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(residual stream, pending): pre-norm, the stream is x + pending, `pending` being the previous block's
         output not yet added, so that the add and the next RMSNorm run as one kernel (add_rms_norm); post-norm
         returns the block's output and None."""
         if self.post_norm:
-            x = self.input_layernorm(x + self.dropout(self.self_attn(x, cos, sin, input_pos, segs)))
+            x = self.input_layernorm(x + self.dropout(self.self_attn(x, cos, sin, input_pos, segs, kv_len)))
             return self.post_attention_layernorm(x + self.dropout(self.mlp(x))), None
         h, x = add_norm(pending, x, self.input_layernorm)
-        h, x = add_norm(self.dropout(self.self_attn(h, cos, sin, input_pos, segs)), x, self.post_attention_layernorm)
+        y = self.self_attn(h, cos, sin, input_pos, segs, kv_len)
+        h, x = add_norm(self.dropout(y), x, self.post_attention_layernorm)
         return x, self.dropout(self.mlp(h))
 
 
@@ -253,16 +253,16 @@ class GEB(nn.Module):
             raise ValueError("logits='last' computes no loss: pass targets with logits='all' or 'none'")
         if logits == "none" and targets is None:
             raise ValueError("logits='none' returns only the loss: it needs targets")
-        segs = None
+        segs, kv_len = None, None
         if positions is None:
-            positions = self._positions(idx, input_pos)
+            positions, kv_len = self._positions(idx, input_pos)
         else:
             segs = self._segments(idx, input_pos, positions)
         x = self.dropout(self.embed_tokens(idx))
         cos, sin = rope_cos_sin(self.config.head_dim, positions, self.config.rope_theta)
         pending = None
         for layer in self.layers:
-            x, pending = layer(x, pending, cos, sin, input_pos, segs)
+            x, pending = layer(x, pending, cos, sin, input_pos, segs, kv_len)
         if logits == "last":
             return self.lm_head(add_norm(_last(pending), x[:, -1:], self.norm)[0]), None
         h, _ = add_norm(pending, x, self.norm)
@@ -275,8 +275,10 @@ class GEB(nn.Module):
         out = self.lm_head(h)
         return out, (None if targets is None else cross_entropy(out, targets))
 
-    def _positions(self, idx: torch.Tensor, input_pos: torch.Tensor | None) -> torch.Tensor:
-        """The (T,) positions of idx's tokens, checked against max_seq_len and the KV cache."""
+    def _positions(self, idx: torch.Tensor, input_pos: torch.Tensor | None) -> tuple[torch.Tensor, int | None]:
+        """The (T,) positions of idx's tokens, checked against max_seq_len and the KV cache, and the number of cache
+        positions attention reads: the filled ones in eager steps (a chat's 2048-position cache would otherwise cost
+        more than the weights on a CPU); None, the whole cache, when compiling or without a cache."""
         t = idx.shape[1]
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.config.max_seq_len}")
@@ -284,7 +286,7 @@ class GEB(nn.Module):
         if input_pos is None:
             if cache is not None:
                 raise ValueError("with a KV cache, pass input_pos: the (T,) positions of idx's tokens")
-            return torch.arange(t, device=idx.device)
+            return torch.arange(t, device=idx.device), None
         if tuple(input_pos.shape) != (t,):
             raise ValueError(f"input_pos must have shape ({t},) for {t} tokens, got {tuple(input_pos.shape)}")
         if not torch.compiler.is_compiling():  # a compiled decode step has its positions checked by its caller
@@ -294,7 +296,8 @@ class GEB(nn.Module):
             if cache is not None and last >= cache.k.shape[1]:
                 raise ValueError(f"position {last} is past the KV cache of {cache.k.shape[1]} positions "
                                  "(setup_kv_cache max_seq_len)")
-        return input_pos
+            return input_pos, (last + 1 if cache is not None else None)
+        return input_pos, None
 
 
     def _segments(self, idx: torch.Tensor, input_pos: torch.Tensor | None, positions: torch.Tensor) -> Segments:
