@@ -63,21 +63,29 @@ def _same(name: str, value, expected_name: str, expected) -> None:
         raise ValueError(f"{name} is {value} but must match {expected_name} ({expected})")
 
 
-def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    softmax_scale: float | None = None, impl: str = "auto") -> torch.Tensor:
-    """Attention over q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D) with native GQA; causal mask aligned bottom-right."""
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> None:
+    """Raise ValueError naming the argument unless q, k, v have layout's rank (heads in dim -2, head dim last) and
+    agree in k/v shape, head dim, dtype and device, with q's heads a multiple of k/v's."""
+    ndim = layout.count(",") + 1
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, T, H, D), got shape {tuple(t.shape)}")
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
     _same("k.shape", tuple(k.shape), "v.shape", tuple(v.shape))
-    _same("k batch", k.shape[0], "q batch", q.shape[0])
-    _same("k head dim", k.shape[3], "q head dim", q.shape[3])
+    if ndim == 4:
+        _same("k batch", k.shape[0], "q batch", q.shape[0])
+    _same("k head dim", k.shape[-1], "q head dim", q.shape[-1])
     _same("k.dtype", k.dtype, "q.dtype", q.dtype)
     _same("v.dtype", v.dtype, "q.dtype", q.dtype)
     _same("k.device", k.device, "q.device", q.device)
     _same("v.device", v.device, "q.device", q.device)
-    if q.shape[2] % k.shape[2] != 0:
-        raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of k/v heads ({k.shape[2]})")
+    if q.shape[-2] % k.shape[-2] != 0:
+        raise ValueError(f"q heads ({q.shape[-2]}) must be a multiple of k/v heads ({k.shape[-2]})")
+
+
+def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    softmax_scale: float | None = None, impl: str = "auto") -> torch.Tensor:
+    """Attention over q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D) with native GQA; causal mask aligned bottom-right."""
+    _check_qkv(q, k, v, "(B, T, H, D)")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     if _resolve(impl, q=q, k=k, v=v) == "torch":
         return reference.attention_ref(q, k, v, causal, scale)
@@ -108,17 +116,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
                            softmax_scale: float | None = None, impl: str = "auto") -> torch.Tensor:
     """Attention within packed documents: q (total_q, Hq, D), k/v (total_k, Hkv, D), int32 cumulative lengths
     (FlashAttention-2's varlen convention); document b is rows cu_seqlens[b]:cu_seqlens[b + 1]."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-D (total, H, D), got shape {tuple(t.shape)}")
-    _same("k.shape", tuple(k.shape), "v.shape", tuple(v.shape))
-    _same("k head dim", k.shape[2], "q head dim", q.shape[2])
-    _same("k.dtype", k.dtype, "q.dtype", q.dtype)
-    _same("v.dtype", v.dtype, "q.dtype", q.dtype)
-    _same("k.device", k.device, "q.device", q.device)
-    _same("v.device", v.device, "q.device", q.device)
-    if q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
+    _check_qkv(q, k, v, "(total, H, D)")
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q, q.device)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k, q.device)
     _same("cu_seqlens_k documents", cu_seqlens_k.numel(), "cu_seqlens_q documents", cu_seqlens_q.numel())
