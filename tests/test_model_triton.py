@@ -22,6 +22,14 @@ def _config(**overrides):
     return preset("tiny", **{**base, **overrides})
 
 
+def _models(config):
+    """The model on the Triton kernels, the same weights on the torch references, and an fp64 copy (ground truth)."""
+    model = GEB(config, impl="triton")
+    reference = GEB(config, impl="torch")
+    reference.load_state_dict(model.state_dict())
+    return model, reference, copy.deepcopy(reference).double()
+
+
 def _run(model, idx, targets, logits="all"):
     out, loss = model(idx, targets, logits=logits)
     # Scaled so parameter gradients are O(0.1-1): at ~1e-4 the rule's absolute slack (1e-5) would hide 10% errors.
@@ -33,10 +41,7 @@ def _run(model, idx, targets, logits="all"):
 def test_model_triton_matches_torch(norm_position):
     torch.manual_seed(0)
     config = _config(norm_position=norm_position)
-    model = GEB(config, impl="triton")
-    reference = GEB(config, impl="torch")
-    reference.load_state_dict(model.state_dict())
-    truth = copy.deepcopy(reference).double()
+    model, reference, truth = _models(config)
     idx = torch.randint(0, config.vocab_size, (2, 33))
     targets = torch.randint(0, config.vocab_size, (2, 33))
 
@@ -58,10 +63,7 @@ def test_model_triton_loss_only_matches_torch(monkeypatch):
     monkeypatch.setattr(kernels.cross_entropy, "MIN_CHUNK", 16)  # 42 tokens in three chunks
     torch.manual_seed(3)
     config = _config(vocab_size=1000)
-    model = GEB(config, impl="triton")
-    reference = GEB(config, impl="torch")
-    reference.load_state_dict(model.state_dict())
-    truth = copy.deepcopy(reference).double()
+    model, reference, truth = _models(config)
     idx = torch.randint(0, config.vocab_size, (2, 21))
     targets = torch.randint(0, config.vocab_size, (2, 21))
     targets[1, 5:12] = -1
@@ -133,10 +135,7 @@ def test_model_triton_packed_documents_equal_each_alone():
     alone as the rule's yardstick (a packed one would share a masking bug)."""
     torch.manual_seed(4)
     config = _config()
-    model = GEB(config, impl="triton")
-    reference = GEB(config, impl="torch")
-    reference.load_state_dict(model.state_dict())
-    truth = copy.deepcopy(reference).double()
+    model, reference, truth = _models(config)
     idx, targets, positions = packed_batch([[1, 9, 13], [6, 18]])
 
     def run(m, alone=False):
