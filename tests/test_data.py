@@ -92,19 +92,25 @@ class Crash(Exception):
     pass
 
 
+def crash_once_at(write, n: int):
+    """(a shard writer like `write` that raises Crash on its n-th call, once; the shard names it was called with)."""
+    calls, crashed = [], []
+
+    def crashing(path, data):
+        calls.append(path.name)
+        if len(calls) == n and not crashed:
+            crashed.append(True)
+            raise Crash(f"killed while writing shard number {n}")
+        return write(path, data)
+
+    return crashing, calls
+
+
 def test_prepare_resumes_after_interruption(tmp_path, tokenizer_file, monkeypatch):
     kw = dict(tokenizer=tokenizer_file, shard_tokens=8_000, val_fraction=0.05, num_workers=1)
     clean = tmp_path / "clean"
     prepare(clean, [CORPUS], **kw)
-    real, calls, crashed = geb.data._write_shard, [], []
-
-    def crashing(path, tokens):
-        calls.append(path.name)
-        if len(calls) == 5 and not crashed:
-            crashed.append(True)
-            raise Crash("killed while writing the 5th shard")
-        return real(path, tokens)
-
+    crashing, calls = crash_once_at(geb.data._write_shard, 5)
     monkeypatch.setattr(geb.data, "_write_shard", crashing)
     out = tmp_path / "resumed"
     with pytest.raises(Crash):
@@ -288,15 +294,7 @@ def test_prepare_chat_resumes_and_is_idempotent(tmp_path, tokenizer_file, monkey
     src = write_jsonl(tmp_path / "chat.jsonl", chat_rows(60, seed=1))
     kw = dict(val_fraction=0.1, shard_tokens=200)
     clean = geb.data.prepare_aligned(tmp_path / "clean", "chat", [src], tokenizer_file, **kw)
-    real, calls, crashed = geb.align_data.write_example_shard, [], []
-
-    def crashing(path, columns):
-        calls.append(path.name)
-        if len(calls) == 4 and not crashed:
-            crashed.append(True)
-            raise Crash("killed while writing the 4th shard")
-        return real(path, columns)
-
+    crashing, calls = crash_once_at(geb.align_data.write_example_shard, 4)
     monkeypatch.setattr(geb.align_data, "write_example_shard", crashing)
     out = tmp_path / "resumed"
     with pytest.raises(Crash):
