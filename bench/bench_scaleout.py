@@ -71,9 +71,25 @@ def random_batches(vocab: int, batch_size: int, seq_len: int, seed: int) -> Iter
         yield x[:, :-1], x[:, 1:]
 
 
-def saved_activations(args: argparse.Namespace, ac: str) -> tuple[float, float]:
-    """MiB of the distinct tensors autograd keeps for the backward (the activations; a checkpointed block keeps only
-    its input) and the seconds of one forward + backward, one process, one micro-batch of random tokens."""
+def loss_gradients(loss: torch.Tensor) -> set[int]:
+    """Storages the fused loss saved for the backward: the gradients of the LM head (and of its input) it computes in
+    the forward, as Liger-Kernel's does; they are gradients, counted apart from the activations."""
+    found, todo, seen = set(), [loss.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__.startswith("LinearCrossEntropyFunction"):
+            found |= {t.untyped_storage().data_ptr() for t in node.saved_tensors}
+        todo += [next_node for next_node, _ in node.next_functions]
+    return found
+
+
+def saved_activations(args: argparse.Namespace, ac: str) -> tuple[float, float, float]:
+    """MiB of the distinct tensors autograd keeps for the backward apart from the weights (the activations; a
+    checkpointed block keeps only its input), MiB of the gradients the fused loss computes in the forward and keeps,
+    and the seconds of one forward + backward; one process, one micro-batch of random tokens."""
     overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
     config = preset(args.preset, max_seq_len=args.seq_len, dropout=0.0, **overrides)
     torch.manual_seed(0)
@@ -90,8 +106,11 @@ def saved_activations(args: argparse.Namespace, ac: str) -> tuple[float, float]:
     t0 = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _, loss = model(x, y, logits="none")
+    grads = loss_gradients(loss)
     loss.backward()
-    return sum(n for ptr, n in saved.items() if ptr not in weights) / 2**20, time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    activations = sum(n for ptr, n in saved.items() if ptr not in weights and ptr not in grads)
+    return activations / 2**20, sum(saved.get(ptr, 0) for ptr in grads) / 2**20, elapsed
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -177,9 +196,10 @@ def main() -> None:
         torch.set_num_threads(1)
         rows = {ac: [saved_activations(args, ac) for _ in range(args.rounds)] for ac in args.acs.split(",")}
         print(f"{args.preset} batch {args.batch_size}x{args.seq_len}, 1 thread; load {os.getloadavg()[0]:.1f}")
-        print("| --ac | saved activations (MiB) | forward + backward (s, min of rounds) |\n|---|---|---|")
+        print("| --ac | saved activations (MiB) | loss gradients kept from the forward (MiB) | "
+              "forward + backward (s, min of rounds) |\n|---|---|---|---|")
         for ac, runs in rows.items():
-            print(f"| {ac} | {runs[0][0]:.0f} | {min(t for _, t in runs):.2f} |")
+            print(f"| {ac} | {runs[0][0]:.0f} | {runs[0][1]:.0f} | {min(t for *_, t in runs):.2f} |")
         return
     configs = [(m, a) for m in args.modes.split(",") for a in args.acs.split(",")]
     results: dict[tuple[str, str], list[dict]] = {c: [] for c in configs}

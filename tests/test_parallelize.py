@@ -1,6 +1,6 @@
 """geb.parallelize: activation checkpointing changes no loss or gradient (fp32, dropout included) and keeps fewer
-activations for the backward; the state dict keeps its plain names; the all-reduce-based reduce-scatter used on
-Gloo equals Gloo's own. FSDP2 runs end to end in tests/test_train.py."""
+activations for the backward; the state dict keeps its plain names; the point-to-point collectives used on Gloo
+equal Gloo's own. FSDP2 runs end to end in tests/test_train.py."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from helpers import small_config
 
 from geb.model import GEB
-from geb.parallelize import AllReduceScatter, apply_ac
+from geb.parallelize import GlooAllGather, GlooReduceScatter, apply_ac
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,8 +58,9 @@ def test_ac_rejects_an_unknown_mode():
         apply_ac(GEB(small_config(), impl="torch"), "some")
 
 
-def reduce_scatter_rank(rank: int, world_size: int, store_path: str, results: dict) -> None:
-    """One Gloo rank: AllReduceScatter against dist.reduce_scatter_tensor on one fresh random input, SUM and AVG."""
+def collectives_rank(rank: int, world_size: int, store_path: str, results: dict) -> None:
+    """One Gloo rank: GlooReduceScatter (SUM, AVG) and GlooAllGather against Gloo's own collectives on fresh random
+    inputs."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world_size), rank=rank, world_size=world_size)
     try:
@@ -67,22 +68,27 @@ def reduce_scatter_rank(rank: int, world_size: int, store_path: str, results: di
             full = torch.randn(world_size * 37, generator=torch.Generator().manual_seed(rank + 10 * i))
             expected, got = torch.full((37,), float("nan")), torch.full((37,), float("nan"))
             dist.reduce_scatter_tensor(expected, full.clone(), op=op)
-            AllReduceScatter()(got, full.clone(), dist.group.WORLD, op)
+            GlooReduceScatter()(got, full.clone(), dist.group.WORLD, op)
             results[(rank, str(op))] = (got, expected)
+        shard = torch.randn(38, generator=torch.Generator().manual_seed(100 + rank))
+        expected, got = torch.full((world_size * 38,), float("nan")), torch.full((world_size * 38,), float("nan"))
+        dist.all_gather_into_tensor(expected, shard)
+        GlooAllGather()(got, shard, dist.group.WORLD)
+        results[(rank, "all_gather")] = (got, expected)
     finally:
         dist.destroy_process_group()
 
 
-def test_all_reduce_scatter_equals_gloo_reduce_scatter(tmp_path):
+def test_gloo_collectives_equal_gloo_own(tmp_path):
     results = mp.Manager().dict()
-    mp.spawn(reduce_scatter_rank, args=(2, str(tmp_path / "store"), results), nprocs=2)
-    assert len(results) == 4
+    mp.spawn(collectives_rank, args=(3, str(tmp_path / "store"), results), nprocs=3)
+    assert len(results) == 9
     for key, (got, expected) in results.items():
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6, msg=str(key))
-    sums = [results[(r, str(dist.ReduceOp.SUM))][0] for r in range(2)]
+    sums = [results[(r, str(dist.ReduceOp.SUM))][0] for r in range(3)]
     assert not torch.allclose(sums[0], sums[1])  # each rank got its own shard
 
 
-def test_all_reduce_scatter_rejects_other_ops():
+def test_gloo_reduce_scatter_rejects_other_ops():
     with pytest.raises(ValueError, match="SUM and AVG"):
-        AllReduceScatter()(torch.empty(2), torch.empty(4), None, dist.ReduceOp.MAX)
+        GlooReduceScatter()(torch.empty(2), torch.empty(4), None, dist.ReduceOp.MAX)
