@@ -58,12 +58,18 @@ class GlooReduceScatter:
         n, rank = group.size(), group.rank()
         pieces = input_tensor.view(n, -1)
         sends = [dist.isend(pieces[peer], group=group, group_dst=peer) for peer in range(n) if peer != rank]
-        out, received = output_tensor.view(-1), torch.empty_like(pieces[rank])
-        out.zero_()
+        out, received = output_tensor.view(-1), None
         for peer in range(n):  # rank order: every shard is summed the same way, run after run
-            if peer != rank:
+            if peer == rank == 0:
+                out.copy_(pieces[rank])
+            elif peer == rank:
+                out.add_(pieces[rank])
+            elif peer == 0:
+                dist.recv(out, group=group, group_src=peer)
+            else:
+                received = torch.empty_like(out) if received is None else received
                 dist.recv(received, group=group, group_src=peer)
-            out.add_(pieces[rank] if peer == rank else received)
+                out.add_(received)
         for work in sends:
             work.wait()
         if op == dist.ReduceOp.AVG:
@@ -82,7 +88,8 @@ class GlooAllGather:
                  async_op: bool = False) -> None:
         """Fill output_tensor with every rank's input_tensor, in rank order."""
         pieces = output_tensor.view(group.size(), -1)
-        pieces[group.rank()].copy_(input_tensor.view(-1))
+        if input_tensor.data_ptr() != pieces[group.rank()].data_ptr():  # FSDP2 gathers in place: input is that piece
+            pieces[group.rank()].copy_(input_tensor.view(-1))
         for src in range(group.size()):
             dist.broadcast(pieces[src], group=group, group_src=src)
 
@@ -102,7 +109,9 @@ def apply_fsdp(model: GEB, device: torch.device) -> None:
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = mixed_precision(device)
     if not model.config.tie_embeddings:
-        fully_shard(model.embed_tokens, mesh=mesh, mp_policy=policy)
+        # Kept gathered from its forward to its backward: the first group in the forward is the last in the backward,
+        # where gathering it again would cost a whole vocab x d_model matrix for a gradient that does not need it.
+        fully_shard(model.embed_tokens, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     last = len(model.layers) - 1
     for i, block in enumerate(model.layers):
         # The next group's all-gather follows the last block at once in the backward: keep that block unsharded.
