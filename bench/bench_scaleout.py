@@ -5,6 +5,7 @@ with and without --ac, on CPU ranks over Gloo.
     python -m bench.bench_scaleout --preset geb-1.3b --d-model 1024 --n-layers 16 --n-heads 16 --ffn-dim 2816 \\
         --batch-size 1 --seq-len 128 --rounds 1 --modes fsdp,zero,ddp
     python -m bench.bench_scaleout --preset stlm-50m --batch-size 2 --seq-len 256 --activations --acs none,full
+    python -m bench.bench_scaleout --collectives
 
 The driver launches one `torchrun --standalone --nproc_per_node=NPROC` per configuration (peak RSS is a process's
 high-water mark, so every configuration needs fresh processes), in interleaved rounds, and prints a table. Each rank
@@ -15,6 +16,9 @@ Memory is split without guessing from RSS alone: `state` is counted from the ten
 warm-up step (its parameters, as many bytes again for their gradients, its AdamW state; local shards under FSDP and
 ZeRO); `base` is the rank's RSS before the model is built (the PyTorch runtime and the process group); the rest of
 the peak, peak - base - state, is activations, the gradients' transients and FSDP's all-gathered blocks.
+
+--collectives times Gloo's all-reduce, all-gather and reduce-scatter of one buffer against the ones geb's FSDP uses
+on CPU ranks (geb/parallelize.py).
 """
 
 import argparse
@@ -35,7 +39,7 @@ from torch.distributed.tensor import DTensor
 
 from geb.config import preset
 from geb.model import GEB
-from geb.parallelize import parallelize
+from geb.parallelize import GlooAllGather, GlooReduceScatter, parallelize
 from train import Run, TrainConfig, build_optimizer, setup_distributed, train_step, wrap_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,6 +154,35 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
+def time_collectives(mib: int, repeats: int = 7) -> None:
+    """One rank: median milliseconds of Gloo's collectives and geb's on one fp32 buffer of mib MiB; rank 0 prints."""
+    dist.init_process_group("gloo")
+    group, n, rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
+    full, out = torch.randn(mib * 2**18), torch.empty(mib * 2**18)
+    shard = torch.randn(full.numel() // n)
+
+    def median_ms(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+    rows = {"all_reduce (DDP)": median_ms(lambda: dist.all_reduce(full)),
+            "all_gather_single (Gloo)": median_ms(lambda: dist.all_gather_single(out, shard)),
+            "GlooAllGather (geb)": median_ms(lambda: GlooAllGather()(out, shard, group)),
+            "reduce_scatter_single (Gloo)": median_ms(lambda: dist.reduce_scatter_single(shard, full)),
+            "GlooReduceScatter (geb)": median_ms(lambda: GlooReduceScatter()(shard, full, group, dist.ReduceOp.SUM))}
+    if rank == 0:
+        print(f"{n} ranks, one {mib} MiB fp32 buffer, median of {repeats}; load {os.getloadavg()[0]:.1f}")
+        print("| collective | ms |\n|---|---|")
+        for name, ms in rows.items():
+            print(f"| {name} | {ms:.1f} |")
+    dist.destroy_process_group()
+
+
 def launch(args: argparse.Namespace, mode: str, ac: str) -> dict:
     """One configuration under torchrun; its RESULT line."""
     flags = [f"--preset={args.preset}", f"--batch-size={args.batch_size}", f"--seq-len={args.seq_len}",
@@ -185,13 +218,23 @@ def main() -> None:
     p.add_argument("--ac", default="none")
     p.add_argument("--activations", action="store_true",
                    help="instead: saved-activation MiB and forward+backward time per --acs mode, in this process")
+    p.add_argument("--collectives", action="store_true",
+                   help="instead: time Gloo's collectives against geb's on one 64 MiB buffer, --nproc ranks")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for k in OVERRIDES:
         p.add_argument(f"--{k.replace('_', '-')}", type=int, default=None)
     args = p.parse_args()
+    if args.worker and args.collectives:
+        time_collectives(64)
+        return
     if args.worker:
         worker(args)
         return
+    if args.collectives:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m",
+               "bench.bench_scaleout", "--collectives", "--worker"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        raise SystemExit(subprocess.run(cmd, cwd=ROOT, env=env).returncode)
     if args.activations:
         torch.set_num_threads(1)
         rows = {ac: [saved_activations(args, ac) for _ in range(args.rounds)] for ac in args.acs.split(",")}

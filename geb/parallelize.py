@@ -43,8 +43,8 @@ def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
 class GlooReduceScatter:
     """FSDP2's gradient reduce-scatter on Gloo as point-to-point sends (FSDP2's `set_custom_reduce_scatter`): each
     rank sends every peer that peer's 1/N of the flat gradient buffer and sums the N pieces of its own in rank order.
-    The same bytes as a ring reduce-scatter, at about 3x the speed of Gloo's reduce_scatter and 1.8x its all_reduce
-    (BENCHMARKS.md); FSDP2 runs the collective synchronously on CPU, so its speed is the step's."""
+    The same bytes as a ring reduce-scatter, about 2x faster than Gloo's reduce_scatter (BENCHMARKS.md); FSDP2 runs
+    the collective synchronously on CPU, so its speed is the step's."""
 
     def allocate(self, size: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The output buffer, as FSDP2's default collective allocates it."""
@@ -78,7 +78,7 @@ class GlooReduceScatter:
 
 class GlooAllGather:
     """FSDP2's parameter all-gather on Gloo as one broadcast from each rank (FSDP2's `set_custom_all_gather`): the
-    same bytes as Gloo's all_gather, about 2.8x faster (BENCHMARKS.md)."""
+    same bytes as Gloo's all_gather, about 3x faster (BENCHMARKS.md)."""
 
     def allocate(self, size: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The output buffer, as FSDP2's default collective allocates it."""
