@@ -104,8 +104,8 @@ def tune_for_gloo(model: GEB) -> None:
 
 def apply_fsdp(model: GEB, device: torch.device) -> None:
     """FSDP2 over every rank of the default process group: one group per block; untied, the embedding and the
-    final norm with the LM head are groups of their own (so only one of the two big matrices is ever gathered);
-    the root group holds what is left, with tied embeddings the one shared matrix."""
+    final norm with the LM head are groups of their own; the root group holds what is left, with tied embeddings
+    the one shared matrix."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = mixed_precision(device)
     if not model.config.tie_embeddings:
