@@ -7,7 +7,7 @@ import torch._dynamo
 from helpers import small_config
 
 from geb.cpu_linear import convert_for_cpu
-from geb.generate import Decoder, GenerationStats, fit_prompt, sample
+from geb.generate import Decoder, GenerationStats, fit_prompt, kv_bucket, sample
 from geb.model import GEB
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,3 +130,35 @@ def test_compiled_equals_eager_without_recompiles(weights):
         stats = GenerationStats()
         lazy = Decoder(model, max_seq_len=len(prompt) + 3, compile=True)
         assert list(lazy.generate(prompt, 3, temperature=0.0, stats=stats)) == eager[:3] and stats.compile_s > 0
+
+
+def test_kv_bucket():
+    assert [kv_bucket(n, 2048) for n in (1, 64, 65, 128, 129, 1025, 2048)] == [64, 64, 128, 128, 256, 2048, 2048]
+    assert kv_bucket(30, 48) == 48 and kv_bucket(5, 96, min_bucket=8) == 8 and kv_bucket(9, 96, min_bucket=8) == 16
+    model = GEB(small_config(), impl="torch").eval()
+    model.setup_kv_cache(1, 32)
+    with pytest.raises(ValueError, match="kv_len 4 must cover position 5"):
+        model(torch.tensor([[1]]), input_pos=torch.tensor([5]), kv_len=4)
+
+
+@pytest.mark.slow
+def test_compiled_buckets_equal_eager_and_compile_once_each():
+    # Small buckets (8, 16, 32) so that a short generation crosses two bucket boundaries.
+    torch.manual_seed(10)
+    model = GEB(small_config(), impl="torch").eval()
+    prompt = torch.randint(0, 97, (5,)).tolist()
+    eager = Decoder(model, max_seq_len=40)
+    ref = list(eager.generate(prompt, 20, temperature=0.0))
+    ref_logits = [eager.step(t, 5 + i) for i, t in enumerate(ref[:-1])]  # the same steps again, eagerly
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = Decoder(model, max_seq_len=40, compile=True, min_bucket=8)
+    stats = GenerationStats()
+    assert list(compiled.generate(prompt, 20, temperature=0.0, stats=stats)) == ref
+    assert compiled.buckets == {8, 16, 32} and stats.compile_s > 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # one graph per bucket, no recompile within
+    with torch.no_grad():
+        # Positions 6..8 cross the 8 -> 16 boundary, 14..17 the 16 -> 32 one: logits equal the eager step's.
+        for i in (1, 2, 3, 9, 10, 11, 12):
+            torch.testing.assert_close(compiled.step(ref[i], 5 + i), ref_logits[i], rtol=1e-4, atol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
