@@ -53,6 +53,8 @@ WITH_HF = os.environ.get("GEB_BENCH_HF", "1") == "1"
 PROMPT_TOKENS = 16
 GGUF_TYPE = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
 GEB_QUANT = {"fp32": "none", "int8": "int8", "int4": "int4"}
+# geb's engines per precision: int8 is FBGEMM's per-channel int8 and Q8_0 on geb's kernels (GEB_BENCH_INT8 picks).
+GEB_QUANTS = {"fp32": ["none"], "int8": os.environ.get("GEB_BENCH_INT8", "int8,q8_0").split(","), "int4": ["int4"]}
 
 Decode = Callable[[], tuple[float, list[int]]]  # one greedy decode of the prompt: (decode tokens/s, new tokens)
 Prefill = Callable[[list[int]], float]  # one prompt evaluated from an empty cache: tokens/s
@@ -168,9 +170,10 @@ def print_tables(rows: dict, prompt_lengths: list[int], threads: int) -> None:
 
 
 def geb_label(fmt: str) -> str:
-    isa = {"avx2": "AVX2", "vnni": "AVX-512 VNNI"}.get(use_q4_kernel(), "?") if fmt == "q4_0" else ""
+    isa = {"avx2": "AVX2", "vnni": "AVX-512 VNNI"}.get(use_q4_kernel(), "?") if fmt in ("q4_0", "q8_0") else ""
     labels = {"gemv": "fp32 (fused, geb AVX2 kernel)", "onednn": "fp32 (fused, oneDNN-packed)",
-              "plain": "fp32 (fused, MKL)", "q4_0": f"int4 (fused, Q4_0, geb {isa} kernel)"}
+              "plain": "fp32 (fused, MKL)", "q4_0": f"int4 (fused, Q4_0, geb {isa} kernel)",
+              "q8_0": f"int8 (fused, Q8_0, geb {isa} kernel)"}
     return labels.get(fmt, f"int8 (fused, {fmt})")
 
 
@@ -206,12 +209,15 @@ def test_cpu_decode_side_by_side(tmp_path):
                     for q in QUANTS}
 
         for weights in QUANTS:
-            engines, hf = {}, None
-            if model is None:  # the previous precision converted it: the same weights again
-                gc.collect()
-                model = load_hf(hf_dir, impl="torch").eval()
-            decoder, fmt, _ = infer_cpu.make_decoder(model, GEB_QUANT[weights], COMPILE, cache_len, None)
-            engines[(geb_kind, geb_label(fmt))] = geb_engine(decoder, prompt, TOKENS)
+            engines, hf, decoders = {}, None, []
+            for quant in GEB_QUANTS[weights]:
+                if model is None:  # an earlier engine converted it: the same weights again
+                    gc.collect()
+                    model = load_hf(hf_dir, impl="torch").eval()
+                decoder, fmt, _ = infer_cpu.make_decoder(model, quant, COMPILE, cache_len, None)
+                engines[(geb_kind, geb_label(fmt))] = geb_engine(decoder, prompt, TOKENS)
+                decoders.append(decoder)
+                model = None
             if transformers is not None and weights != "int4":
                 hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
                 if weights == "int8":
@@ -228,8 +234,7 @@ def test_cpu_decode_side_by_side(tmp_path):
             rows.update(results)
             if ref is not None and weights == "fp32":  # the same weights, the same greedy continuation everywhere
                 assert all(r["tokens"][:8] == ref[:8] for r in results.values())
-            del engines, hf, decoder
-            model = None
+            del engines, hf, decoders, decoder
             torch._dynamo.reset()  # compiled code holds on to the model it was compiled for
             gc.collect()
 
