@@ -110,11 +110,11 @@ def test_stream_decoder_equals_one_shot_on_a_sampled_continuation(tiny_model, to
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights", ["plain", "gemv", "fbgemm", "q4_0"])
+@pytest.mark.parametrize("weights", ["plain", "gemv", "fbgemm", "q8_0", "q4_0"])
 def test_compiled_equals_eager_without_recompiles(weights):
     torch.manual_seed(9)
     model = GEB(small_config(), impl="torch").eval()
-    quant = {"fbgemm": "int8", "q4_0": "int4"}.get(weights, "none")
+    quant = {"fbgemm": "int8", "q8_0": "q8_0", "q4_0": "int4"}.get(weights, "none")
     if weights != "plain" and convert_for_cpu(model, quant) != weights:
         pytest.skip(f"this torch build has no {weights} weights")
     prompt = torch.randint(0, 97, (6,)).tolist()
