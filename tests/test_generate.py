@@ -157,8 +157,17 @@ def test_compiled_buckets_equal_eager_and_compile_once_each():
     assert list(compiled.generate(prompt, 20, temperature=0.0, stats=stats)) == ref
     assert compiled.buckets == {8, 16, 32} and stats.compile_s > 0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # one graph per bucket, no recompile within
+    caches = [layer.self_attn.kv_cache for layer in model.layers]
+    saved = [(c.k.clone(), c.v.clone()) for c in caches]
     with torch.no_grad():
-        # Positions 6..8 cross the 8 -> 16 boundary, 14..17 the 16 -> 32 one: logits equal the eager step's.
+        # Positions 6..8 cross the 8 -> 16 boundary, 14..17 the 16 -> 32 one: logits equal the eager step's, with the
+        # cache past the step's bucket poisoned (NaN): the step must not read it.
         for i in (1, 2, 3, 9, 10, 11, 12):
+            bucket = compiled.bucket(5 + i + 1)
+            for c in caches:
+                c.k[:, bucket:] = c.v[:, bucket:] = float("nan")
             torch.testing.assert_close(compiled.step(ref[i], 5 + i), ref_logits[i], rtol=1e-4, atol=1e-4)
+            for c, (k, v) in zip(caches, saved, strict=True):
+                c.k.copy_(k)
+                c.v.copy_(v)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
