@@ -266,8 +266,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     p.add_argument("--quant", choices=QUANTS, default="none",
-                   help="weights of every linear layer: none = fp32 (geb AVX2 kernel), int8 = dynamic int8, "
-                   "int4 = Q4_0 (geb AVX-512 VNNI or AVX2 kernel)")
+                   help="weights of every linear layer: none = fp32 (geb AVX2 kernel), int8 = dynamic int8 "
+                   "(FBGEMM), q8_0 = Q8_0 and int4 = Q4_0 (geb AVX-512 VNNI or AVX2 kernels)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
     p.add_argument("--no-cache", action="store_true",
                    help="neither use nor write the converted weights in geb's cache dir (GEB_CACHE)")

@@ -13,8 +13,9 @@ round); each row is the median over the rounds, with every round and the load av
     GEB_BENCH_PRESET=geb-1.3b GEB_BENCH_TOKENS=32 GEB_BENCH_COMPILE=1 GEB_BENCH_ROUNDS=5 GEB_BENCH_HF=0 \
         pytest bench/bench_cpu_decode.py -s                              # ~25 min
 
-GEB_BENCH_QUANTS picks precisions (default fp32,int8,int4); GEB_BENCH_PREFILL the prompt lengths (default 16,128,512,
-those that fit the preset's context). test_cpu_startup times `python infer_cpu.py` to its first printed token, cold
+GEB_BENCH_QUANTS picks precisions (default fp32,int8,int4); GEB_BENCH_INT8 geb's int8 engines (default int8,q8_0:
+FBGEMM and geb's Q8_0 kernel); GEB_BENCH_PREFILL the prompt lengths (default 16,128,512, those that fit the preset's
+context). test_cpu_startup times `python infer_cpu.py` to its first printed token, cold
 (empty geb cache) and warm, beside `import torch` alone and llama.cpp loading the GGUF of the same weights.
 The geb-1.3b run needs ~19 GB of memory (three fp32 copies, one per engine) and ~13 GB of temporary disk.
 For geb alone, `python infer_cpu.py --bench [--quant int8|int4] [--compile]` prints the same figures as one JSON line.
@@ -53,6 +54,8 @@ WITH_HF = os.environ.get("GEB_BENCH_HF", "1") == "1"
 PROMPT_TOKENS = 16
 GGUF_TYPE = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
 GEB_QUANT = {"fp32": "none", "int8": "int8", "int4": "int4"}
+# geb's engines per precision: int8 is FBGEMM's per-channel int8 and Q8_0 on geb's kernels (GEB_BENCH_INT8 picks).
+GEB_QUANTS = {"fp32": ["none"], "int8": os.environ.get("GEB_BENCH_INT8", "int8,q8_0").split(","), "int4": ["int4"]}
 
 Decode = Callable[[], tuple[float, list[int]]]  # one greedy decode of the prompt: (decode tokens/s, new tokens)
 Prefill = Callable[[list[int]], float]  # one prompt evaluated from an empty cache: tokens/s
@@ -168,9 +171,10 @@ def print_tables(rows: dict, prompt_lengths: list[int], threads: int) -> None:
 
 
 def geb_label(fmt: str) -> str:
-    isa = {"avx2": "AVX2", "vnni": "AVX-512 VNNI"}.get(use_q4_kernel(), "?") if fmt == "q4_0" else ""
+    isa = {"avx2": "AVX2", "vnni": "AVX-512 VNNI"}.get(use_q4_kernel(), "?") if fmt in ("q4_0", "q8_0") else ""
     labels = {"gemv": "fp32 (fused, geb AVX2 kernel)", "onednn": "fp32 (fused, oneDNN-packed)",
-              "plain": "fp32 (fused, MKL)", "q4_0": f"int4 (fused, Q4_0, geb {isa} kernel)"}
+              "plain": "fp32 (fused, MKL)", "q4_0": f"int4 (fused, Q4_0, geb {isa} kernel)",
+              "q8_0": f"int8 (fused, Q8_0, geb {isa} kernel)"}
     return labels.get(fmt, f"int8 (fused, {fmt})")
 
 
@@ -197,7 +201,8 @@ def test_cpu_decode_side_by_side(tmp_path):
             del plain
             model.clear_kv_cache()
         # The other engines' copies of the same weights, written while the fp32 model exists.
-        hf_dir = export_hf(model, tmp_path / "hf") if len(QUANTS) > 1 or transformers is not None else None
+        geb_engines = sum(len(GEB_QUANTS[q]) for q in QUANTS)
+        hf_dir = export_hf(model, tmp_path / "hf") if geb_engines > 1 or transformers is not None else None
         gguf = {}
         if llama_cpp is not None:
             # llama.cpp needs a vocabulary in the file
@@ -206,12 +211,15 @@ def test_cpu_decode_side_by_side(tmp_path):
                     for q in QUANTS}
 
         for weights in QUANTS:
-            engines, hf = {}, None
-            if model is None:  # the previous precision converted it: the same weights again
-                gc.collect()
-                model = load_hf(hf_dir, impl="torch").eval()
-            decoder, fmt, _ = infer_cpu.make_decoder(model, GEB_QUANT[weights], COMPILE, cache_len, None)
-            engines[(geb_kind, geb_label(fmt))] = geb_engine(decoder, prompt, TOKENS)
+            engines, hf, decoders = {}, None, []
+            for quant in GEB_QUANTS[weights]:
+                if model is None:  # an earlier engine converted it: the same weights again
+                    gc.collect()
+                    model = load_hf(hf_dir, impl="torch").eval()
+                decoder, fmt, _ = infer_cpu.make_decoder(model, quant, COMPILE, cache_len, None)
+                engines[(geb_kind, geb_label(fmt))] = geb_engine(decoder, prompt, TOKENS)
+                decoders.append(decoder)
+                model = None
             if transformers is not None and weights != "int4":
                 hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
                 if weights == "int8":
@@ -228,8 +236,7 @@ def test_cpu_decode_side_by_side(tmp_path):
             rows.update(results)
             if ref is not None and weights == "fp32":  # the same weights, the same greedy continuation everywhere
                 assert all(r["tokens"][:8] == ref[:8] for r in results.values())
-            del engines, hf, decoder
-            model = None
+            del engines, hf, decoders, decoder
             torch._dynamo.reset()  # compiled code holds on to the model it was compiled for
             gc.collect()
 

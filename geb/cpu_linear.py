@@ -42,7 +42,7 @@ from torch.utils import cpp_extension
 from geb.model import GEB
 
 METHODS = ("auto", "fbgemm", "woq")
-QUANTS = ("none", "int8", "int4")
+QUANTS = ("none", "int8", "q8_0", "int4")
 
 # Packed oneDNN and FBGEMM weights, by handle: operators take tensors and scalars, not TorchScript objects or
 # oneDNN-layout tensors (which dynamo cannot trace). Entries live as long as the process (one model per inference
@@ -57,6 +57,7 @@ _LIB.define("linear_int8_dynamic(Tensor x, int handle, int out_features) -> Tens
 _LIB.define("linear_onednn(Tensor x, int handle, int out_features) -> Tensor")
 _LIB.define("linear_f32(Tensor x, Tensor weight, Tensor? bias) -> Tensor")  # CPU kernel: geb/gemv.cpp
 _LIB.define("linear_q4(Tensor x, Tensor qs, Tensor scales, int in_features) -> Tensor")  # CPU kernel: geb/gemv.cpp
+_LIB.define("linear_q8(Tensor x, Tensor qs, Tensor scales, int in_features) -> Tensor")  # CPU kernel: geb/gemv.cpp
 
 
 def _linear_int8_dynamic(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
@@ -85,6 +86,11 @@ def _linear_f32_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 @torch.library.register_fake("geb::linear_q4", lib=_LIB)
 def _linear_q4_fake(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], qs.shape[0])
+
+
+@torch.library.register_fake("geb::linear_q8", lib=_LIB)
+def _linear_q8_fake(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], qs.shape[0])
 
 
@@ -124,7 +130,8 @@ def load_gemv() -> bool:
             print(f"[geb.cpu_linear] building {source.name} into {build_dir} (first use only, ~30 s)", file=sys.stderr,
                   flush=True)
     # torch hashes the listed sources only: the included header's hash goes into the flags so a change rebuilds.
-    header = hashlib.sha256(source.with_name("gemv_q4.h").read_bytes()).hexdigest()[:16]
+    header = hashlib.sha256(b"".join(source.with_name(h).read_bytes() for h in ("gemv_q4.h", "gemv_q8.h")))
+    header = header.hexdigest()[:16]
     try:
         # -mavx2 -mfma, not -march=native: a build cached in a shared home directory must run on any AVX2 machine
         # (the AVX-512 VNNI kernels are compiled by a target pragma and run only where the CPU has them).
@@ -329,6 +336,73 @@ class Int4Linear(nn.Module):
                 "kernels)")
 
 
+def quantize_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of w (N, K) as ggml's Q8_0 in geb/gemv.cpp's layout: (qs int8 (N, Kp), scales fp16 (N, Kp / 32)), Kp =
+    K rounded up to Q4_PAD with zeros. The values are those of gguf.quants.quantize(w, Q8_0)."""
+    n, k = w.shape
+    kp = -(-k // Q4_PAD) * Q4_PAD
+    blocks = torch.nn.functional.pad(w.detach().float(), (0, kp - k)).reshape(n, kp // Q4_BLOCK, Q4_BLOCK)
+    # ggml's quantize_row_q8_0_ref: d = max|x| / 127, q = roundf(x / d) (half away from zero), computed as x * (1/d).
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    v = blocks * inv
+    q = (v.sign() * (v.abs() + 0.5).floor()).to(torch.int8)
+    return q.reshape(n, kp).contiguous(), d.squeeze(-1).to(torch.float16).contiguous()
+
+
+def dequantize_q8_0(qs: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The fp32 weight (N, in_features) that quantize_q8_0's output stands for: q * d."""
+    n = qs.shape[0]
+    return (qs.reshape(n, -1, Q4_BLOCK).float() * scales.float()[..., None]).reshape(n, -1)[:, :in_features]
+
+
+class Q8Linear(nn.Module):
+    """8-bit linear: Q8_0 weights (geb/gemv.cpp), activations quantized to int8 per block at each call."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if not load_gemv():
+            raise RuntimeError("Q8Linear needs geb/gemv.cpp built: an AVX2 CPU, a C++ compiler and ninja")
+        qs, scales = quantize_q8_0(linear.weight)
+        self.register_buffer("qs", qs)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    @classmethod
+    def empty_like(cls, linear: nn.Linear) -> "Q8Linear":
+        """A Q8Linear of linear's shape with uninitialized weights (on linear's device), to load a state dict."""
+        if not load_gemv():
+            raise RuntimeError("Q8Linear needs geb/gemv.cpp built: an AVX2 CPU, a C++ compiler and ninja")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        kp = -(-linear.in_features // Q4_PAD) * Q4_PAD
+        device = linear.weight.device
+        self.register_buffer("qs", torch.empty(linear.out_features, kp, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(linear.out_features, kp // Q4_BLOCK, dtype=torch.float16,
+                                                   device=device))
+        self.register_buffer("bias", None if linear.bias is None else torch.empty_like(linear.bias))
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.geb.linear_q8(x, self.qs, self.scales, self.in_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, Q8_0 (geb {use_q4_kernel()} "
+                "kernels)")
+
+
+def quantize_q8(model: nn.Module) -> str:
+    """Quantize every linear layer of model to Q8_0 (geb's integer kernels) in place; "q8_0"."""
+    if not load_gemv():
+        raise RuntimeError("--quant q8_0 needs geb/gemv.cpp built: an AVX2 CPU, a C++ compiler and ninja "
+                           "(pip install ninja)")
+    _replace_linears(model, Q8Linear)
+    return "q8_0"
+
+
 def quantize_int4(model: nn.Module) -> str:
     """Quantize every linear layer of model to Q4_0 in place; "q4_0"."""
     if not load_gemv():
@@ -374,12 +448,14 @@ def pack_fp32(model: nn.Module) -> str:
 
 def convert_for_cpu(model: GEB, quant: str = "none") -> str:
     """Fuse the model's q/k/v and gate/up projections, then convert every linear layer for CPU decoding: "none"
-    keeps fp32 (`pack_fp32`), "int8" and "int4" quantize; the weight format used."""
+    keeps fp32 (`pack_fp32`), "int8", "q8_0" and "int4" quantize; the weight format used."""
     if quant not in QUANTS:
         raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
     model.fuse_projections()
     if quant == "int8":
         return quantize_int8(model)
+    if quant == "q8_0":
+        return quantize_q8(model)
     if quant == "int4":
         return quantize_int4(model)
     return pack_fp32(model)

@@ -1,4 +1,4 @@
-// geb::linear_f32 and geb::linear_q4: fp32 and 4-bit linear layers for CPU decoding. At batch 1 a linear layer is a
+// geb::linear_f32, geb::linear_q4 and geb::linear_q8: fp32, 4-bit and 8-bit linear layers for CPU decoding. At batch 1 a linear layer is a
 // matrix-vector product bound by how fast the weights stream from memory; this AVX2 kernel streams them faster than
 // oneDNN's and MKL's here (BENCHMARKS.md).
 // A few input rows (a prompt) go through a small tiled kernel that reads each weight row once for all of them;
@@ -155,7 +155,8 @@ constexpr int64_t kQ4MaxTiledInputs = 1024;
 constexpr int64_t kQ4ChunkRows = 256;
 
 // Activations quantized per block of 32: xq [M, Kp] int8 (zero past K), dx [M, Kp / 32] scales and
-// c [M, Kp / 32] = 8 * dx * sum(xq) per block, the term that turns unsigned nibbles into q - 8.
+// c [M, Kp / 32] = dx * sum(xq) per block: times 8 (Q4) or 128 (Q8, VNNI), the term that turns unsigned weights into
+// signed ones.
 struct QuantizedInput {
   std::vector<int8_t> xq;
   std::vector<float> dx, c;
@@ -178,7 +179,7 @@ QuantizedInput quantize_input(const float* x, int64_t M, int64_t K, int64_t Kp) 
         sum += v;
       }
       q.dx[mb] = d;
-      q.c[mb] = 8.f * d * static_cast<float>(sum);
+      q.c[mb] = d * static_cast<float>(sum);
     }
   });
   return q;
@@ -187,6 +188,7 @@ QuantizedInput quantize_input(const float* x, int64_t M, int64_t K, int64_t Kp) 
 namespace avx2 {
 constexpr int kQ4Inputs = 3;  // input rows a prompt tile: 4 x 3 accumulators + weights and inputs = 16 registers
 #include "gemv_q4.h"
+#include "gemv_q8.h"
 }  // namespace avx2
 
 namespace vnni {
@@ -195,12 +197,13 @@ constexpr int kQ4Inputs = 4;  // 4 x 4 accumulators (of 32 registers); 4 x 5 and
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 #include "gemv_q4.h"
+#include "gemv_q8.h"
 #pragma GCC pop_options
 #undef GEB_Q4_VNNI
 }  // namespace vnni
 
-// The Q4 kernels this CPU runs: AVX-512 VNNI where the CPU (and OS) has it, else AVX2; GEB_CPU_ISA=avx2 in the
-// environment, or geb::q4_kernel("avx2"), forces AVX2 (so both are tested on an AVX-512 machine).
+// The Q4_0 and Q8_0 kernels this CPU runs: AVX-512 VNNI where the CPU (and OS) has it, else AVX2; GEB_CPU_ISA=avx2
+// in the environment, or geb::q4_kernel("avx2"), forces AVX2 (so both are tested on an AVX-512 machine).
 bool cpu_has_vnni() {
   __builtin_cpu_init();  // this runs from a static initializer, maybe before libgcc's own
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -242,13 +245,26 @@ void q4_dequantize_rows(const uint8_t* qs, const uint16_t* scales, float* w, int
   });
 }
 
-at::Tensor linear_q4_gemm(const at::Tensor& x2, const uint8_t* qs, const uint16_t* scales, int64_t N, int64_t K,
-                          int64_t Kp) {
+// w [n1 - n0, K] fp32 = rows n0.. of the Q8 weight, q * d.
+void q8_dequantize_rows(const int8_t* qs, const uint16_t* scales, float* w, int64_t n0, int64_t n1, int64_t K,
+                        int64_t Kp) {
+  const int64_t nb = Kp / 32;
+  at::parallel_for(n0, n1, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; n++)
+      for (int64_t k = 0; k < K; k++)
+        w[(n - n0) * K + k] = static_cast<float>(qs[n * Kp + k]) * _cvtsh_ss(scales[n * nb + k / 32]);
+  });
+}
+
+// y = x2 w^T through at::mm on the weight dequantized kQ4ChunkRows rows at a time (long prompts).
+template <typename Q, typename Dequantize>
+at::Tensor linear_blocks_gemm(const at::Tensor& x2, const Q* qs, const uint16_t* scales, int64_t N, int64_t K,
+                              int64_t Kp, Dequantize dequantize) {
   at::Tensor y = at::empty({x2.size(0), N}, x2.options());
   at::Tensor w = at::empty({std::min(kQ4ChunkRows, N), K}, x2.options());
   for (int64_t n0 = 0; n0 < N; n0 += kQ4ChunkRows) {
     const int64_t n1 = std::min(n0 + kQ4ChunkRows, N);
-    q4_dequantize_rows(qs, scales, w.data_ptr<float>(), n0, n1, K, Kp);
+    dequantize(qs, scales, w.data_ptr<float>(), n0, n1, K, Kp);
     y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, w.narrow(0, 0, n1 - n0).t()));
   }
   return y;
@@ -274,8 +290,9 @@ at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   at::Tensor y = at::empty(out_shape, x_c.options());
   if (M == 0 || N == 0) return y.to(x.scalar_type());
   if (M > kQ4MaxTiledInputs) {
-    const at::Tensor y2 = linear_q4_gemm(x_c.reshape({M, K}), qs.data_ptr<uint8_t>(),
-                                         reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), N, K, Kp);
+    const at::Tensor y2 = linear_blocks_gemm(x_c.reshape({M, K}), qs.data_ptr<uint8_t>(),
+                                             reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), N, K, Kp,
+                                             q4_dequantize_rows);
     return y2.reshape(out_shape).to(x.scalar_type());
   }
   const QuantizedInput in = quantize_input(x_c.data_ptr<float>(), M, K, Kp);
@@ -289,11 +306,49 @@ at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   return y.to(x.scalar_type());
 }
 
+// geb::linear_q8: weights as ggml's Q8_0 (blocks of 32, w = q * d, q int8 in -127..127, d fp16), stored as they are:
+// qs [N, Kp] int8, scales [N, Kp / 32] fp16, Kp = K rounded up to a multiple of 256 (zeros). The same activation
+// quantization and tiles as linear_q4 (geb/gemv_q8.h).
+at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, int64_t in_features) {
+  TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kChar && qs.is_contiguous() && qs.size(1) % 256 == 0,
+              "geb::linear_q8: qs must be a contiguous 2-D int8 tensor of [N, Kp] with Kp % 256 == 0, got ",
+              qs.sizes(), ", ", qs.scalar_type());
+  const int64_t N = qs.size(0), Kp = qs.size(1), K = in_features;
+  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  scales.size(0) == N && scales.size(1) == Kp / 32,
+              "geb::linear_q8: scales must be a contiguous float16 tensor of [", N, ", ", Kp / 32, "], got ",
+              scales.sizes(), ", ", scales.scalar_type());
+  TORCH_CHECK(K > Kp - 256 && K <= Kp, "geb::linear_q8: in_features ", K, " does not fit qs of ", Kp, " columns");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "geb::linear_q8: x's last dimension must be ", K, ", got ", x.sizes());
+  TORCH_CHECK(!(at::GradMode::is_enabled() && x.requires_grad()),
+              "geb::linear_q8 is for inference and has no backward: call it under torch.no_grad()");
+  const at::Tensor x_c = x.to(at::kFloat).contiguous();
+  const int64_t M = x_c.numel() / K;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y = at::empty(out_shape, x_c.options());
+  if (M == 0 || N == 0) return y.to(x.scalar_type());
+  const int8_t* p_qs = qs.data_ptr<int8_t>();
+  const uint16_t* p_s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  if (M > kQ4MaxTiledInputs) {
+    const at::Tensor y2 = linear_blocks_gemm(x_c.reshape({M, K}), p_qs, p_s, N, K, Kp, q8_dequantize_rows);
+    return y2.reshape(out_shape).to(x.scalar_type());
+  }
+  const QuantizedInput in = quantize_input(x_c.data_ptr<float>(), M, K, Kp);
+  float* p_y = y.data_ptr<float>();
+  const auto rows = g_q4_vnni ? &vnni::q8_rows : &avx2::q8_rows;
+  at::parallel_for(0, (N + kQ4Rows - 1) / kQ4Rows, M > 1 ? 1 : 16, [&](int64_t begin, int64_t end) {
+    rows(p_qs, p_s, in, p_y, begin, end, M, N, Kp);
+  });
+  return y.to(x.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(geb, CPU, m) {
   m.impl("linear_f32", &linear_f32);
   m.impl("linear_q4", &linear_q4);
+  m.impl("linear_q8", &linear_q8);
 }
 
 TORCH_LIBRARY_FRAGMENT(geb, m) {

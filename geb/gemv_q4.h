@@ -62,13 +62,13 @@ void q4_tile(const uint8_t* qs, const uint16_t* scales, const QuantizedInput& in
   for (int r = 0; r < R; r++) {
     const uint16_t* p_s = scales + (n + r) * nb;
     for (int i = 0; i < I; i++) {
-      // The -8 of every nibble: sum_b dw_b * c_b, eight blocks at a time.
+      // The -8 of every nibble: 8 * sum_b dw_b * c_b, eight blocks at a time.
       const float* p_c = in.c.data() + (m + i) * nb;
       __m256 b_corr = _mm256_setzero_ps();
       for (int64_t b = 0; b < nb; b += 8)
         b_corr = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p_s + b))),
                                  _mm256_loadu_ps(p_c + b), b_corr);
-      y[(m + i) * N + n + r] = hsum(b_acc[r][i]) - hsum(b_corr);
+      y[(m + i) * N + n + r] = hsum(b_acc[r][i]) - 8.f * hsum(b_corr);
     }
   }
 }

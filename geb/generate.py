@@ -1,9 +1,10 @@
 """Batch-1 generation on a static KV cache: one-pass prefill, a (compilable) decode step, and sampling.
 
 Used by infer_cpu.py and the CPU decode benchmark. Prefill and decode step are the model's own forward with
-logits="last" (the LM head on the last position only: a prefill needs no T x d_model x vocab product). The decode
-step has the same shapes at every position (it attends over the whole preallocated cache with a mask), so
-`torch.compile` compiles it once.
+logits="last" (the LM head on the last position only: a prefill needs no T x d_model x vocab product). A compiled
+decode step attends over a bucket of the cache (the filled positions rounded up to a power of two, at least
+MIN_BUCKET, at most the cache) with a mask, so its shapes change only when the filled length enters a new bucket:
+`torch.compile` compiles it once per bucket reached, lazily (a 2048-position cache has 6 buckets).
 """
 
 import sys
@@ -14,6 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from geb.model import GEB
+
+MIN_BUCKET = 64  # the shortest cache length a compiled decode step attends over
+
+
+def kv_bucket(filled: int, cache_len: int, min_bucket: int = MIN_BUCKET) -> int:
+    """The cache positions a compiled decode step attends over when positions [0, filled) are in use: filled rounded
+    up to a power of two, at least min_bucket, at most cache_len."""
+    return min(cache_len, max(min_bucket, 1 << (filled - 1).bit_length()))
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -48,7 +57,8 @@ def fit_prompt(prompt: list[int], context: int, max_new_tokens: int) -> list[int
 
 @dataclass
 class GenerationStats:
-    """Timings of one Decoder.generate call (seconds); compile_s is the first-call cost of a compiled step."""
+    """Timings of one Decoder.generate call (seconds); compile_s is the first-call cost of the compiled step's
+    buckets reached (each compiles once)."""
 
     prompt_tokens: int = 0
     prefill_s: float = 0.0
@@ -69,39 +79,53 @@ class GenerationStats:
 
 
 class Decoder:
-    """A model with a static batch-1 KV cache and a decode step, eager or compiled (compiled once, lazily)."""
+    """A model with a static batch-1 KV cache and a decode step, eager or compiled (lazily, once per cache bucket:
+    kv_bucket; min_bucket is for tests)."""
 
     def __init__(self, model: GEB, max_seq_len: int | None = None, compile: bool = False,
-                 compile_mode: str | None = None):
+                 compile_mode: str | None = None, min_bucket: int = MIN_BUCKET):
         self.model = model.eval()
         self.max_seq_len = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
         dtype = model.embed_tokens.weight.dtype
         model.setup_kv_cache(1, self.max_seq_len, dtype=dtype if dtype.is_floating_point else torch.float32)
-        self.compile = compile
-        self._step: Callable = self._eager_step
+        self.compile, self.min_bucket = compile, min_bucket
+        self.buckets: set[int] = set()  # the buckets the compiled step has been compiled (and run) for
+        self._step: Callable = self._model_step
         if compile:
             # Inductor's C++ wrapper (instead of Python) calls the step's ~100 matrix-vector products and ~250 fused
             # kernels: 4% faster per token on our 2-core CPU, for twice the compile time. A mode replaces it.
             options = None if compile_mode else {"cpp_wrapper": True}
-            self._step = torch.compile(self._eager_step, mode=compile_mode, options=options, fullgraph=True,
+            self._step = torch.compile(self._model_step, mode=compile_mode, options=options, fullgraph=True,
                                        dynamic=False)
-        self.compiled_once = not compile
+            # One graph per bucket (kv_len is a constant of each): let dynamo keep them all.
+            n_buckets = len({self.bucket(n) for n in range(1, self.max_seq_len + 1)})
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_buckets + 8)
         self.pos = 0  # cache positions [0, pos) hold the tokens fed so far (a chat's earlier turns)
 
-    def _eager_step(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """Logits (B, 1, vocab) of the last token of idx (B, T), whose tokens sit at input_pos (T,)."""
-        return self.model(idx, input_pos=input_pos, logits="last")[0]
+    def bucket(self, filled: int) -> int:
+        """The cache positions the compiled step attends over with positions [0, filled) in use."""
+        return kv_bucket(filled, self.max_seq_len, self.min_bucket)
+
+    def _model_step(self, idx: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        """Logits (B, 1, vocab) of the last token of idx (B, T), whose tokens sit at input_pos (T,); attention over
+        the cache's first kv_len positions (None: the filled ones)."""
+        return self.model(idx, input_pos=input_pos, logits="last", kv_len=kv_len)[0]
+
+    def step(self, token: int, pos: int) -> torch.Tensor:
+        """Logits (1, 1, vocab) of token at cache position pos (compiled: over the bucket of pos + 1 positions)."""
+        kv_len = self.bucket(pos + 1) if self.compile else None
+        return self._step(torch.tensor([[token]]), torch.tensor([pos]), kv_len)
 
     @torch.no_grad()
     def warmup(self, start: int = 0) -> float:
         """Run (and for --compile, compile) the decode step on positions start and start + 1 (those below the cache's
-        length); seconds spent. It writes the cache there: after a prefill, start at the first position not yet
-        written (a later step writes each position before it reads it)."""
+        length and, compiled, in start's bucket); seconds spent. It writes the cache there: after a prefill, start at
+        the first position not yet written (a later step writes each position before it reads it)."""
         t0 = time.perf_counter()
-        token = torch.zeros(1, 1, dtype=torch.long)
         for pos in range(start, min(start + 2, self.max_seq_len)):  # the second call checks no recompile
-            self._step(token, torch.tensor([pos]))
-        self.compiled_once = True
+            if pos == start or self.bucket(pos + 1) == self.bucket(start + 1):
+                self.step(0, pos)
+        self.buckets.add(self.bucket(start + 1))
         return time.perf_counter() - t0
 
     @torch.no_grad()
@@ -125,7 +149,7 @@ class Decoder:
         stats.prompt_tokens = len(prompt)
         t0 = time.perf_counter()
         idx = torch.tensor([prompt], dtype=torch.long)
-        logits = self._eager_step(idx, torch.arange(start_pos, start_pos + len(prompt)))  # eager: its length varies
+        logits = self._model_step(idx, torch.arange(start_pos, start_pos + len(prompt)))  # eager: its length varies
         stats.prefill_s = time.perf_counter() - t0
         pos = self.pos = start_pos + len(prompt)
         stats.stop_reason = "max_new_tokens"
@@ -143,10 +167,11 @@ class Decoder:
             if pos >= self.max_seq_len:
                 stats.stop_reason = "context"
                 break
-            if not self.compiled_once:  # compile after the first token is out: it comes from the eager prefill
-                stats.compile_s = self.warmup(start=max(pos, self.max_seq_len - 2))
+            if self.compile and self.bucket(pos + 1) not in self.buckets:
+                # Compile a bucket when the first step needs it (the first token comes from the eager prefill).
+                stats.compile_s += self.warmup(start=pos)
             t0 = time.perf_counter()
-            logits = self._step(torch.tensor([[token]]), torch.tensor([pos]))
+            logits = self.step(token, pos)
             stats.decode_s += time.perf_counter() - t0
             stats.decode_steps += 1
             pos = self.pos = pos + 1

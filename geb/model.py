@@ -106,9 +106,9 @@ class Attention(nn.Module):
         elif self.kv_cache is None:
             y = kernels.flash_attn_func(q, k, v, causal=True, impl=self.impl)
         else:
-            # gpt-fast's shape: a compiled step attends over the whole preallocated cache with a mask, so every
-            # decode step has the same shapes and never recompiles; eager steps pass kv_len (GEB.forward).
-            # kernels.flash_attn_func takes no mask, hence SDPA.
+            # gpt-fast's shape: attention over the cache's first kv_len positions with a mask; a compiled step
+            # passes a bucket of the filled length, so steps within a bucket have the same shapes and never
+            # recompile; eager steps the filled length (GEB.forward). kernels.flash_attn_func takes no mask: SDPA.
             k, v = self.kv_cache.write(input_pos, k, v)
             if kv_len is not None:
                 k, v = k[:, :kv_len], v[:, :kv_len]
@@ -233,7 +233,7 @@ class GEB(nn.Module):
             layer.self_attn.kv_cache = None
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
-                *, logits: str = "all", positions: torch.Tensor | None = None
+                *, logits: str = "all", positions: torch.Tensor | None = None, kv_len: int | None = None
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits and, when targets (B, T) are given, the mean cross-entropy over targets >= 0.
 
@@ -246,6 +246,10 @@ class GEB(nn.Module):
         document, 0 where one starts (geb.loader.doc_positions): RoPE rotates by them and attention stays within
         each document (kernels.flash_attn_varlen_func). Reading the segment boundaries from them is a host sync
         when they are on a GPU (one per forward).
+
+        kv_len (with a KV cache): attend over the cache's first kv_len positions, which must hold input_pos (a
+        compiled decode step passes its bucket of the filled length: geb.generate.Decoder). Default: the filled
+        positions (up to input_pos) in eager mode, the whole cache when compiling.
         """
         if logits not in LOGITS:
             raise ValueError(f"logits must be one of {', '.join(map(repr, LOGITS))}, got {logits!r}")
@@ -253,9 +257,9 @@ class GEB(nn.Module):
             raise ValueError("logits='last' computes no loss: pass targets with logits='all' or 'none'")
         if logits == "none" and targets is None:
             raise ValueError("logits='none' returns only the loss: it needs targets")
-        segs, kv_len = None, None
+        segs = None
         if positions is None:
-            positions, kv_len = self._positions(idx, input_pos)
+            positions, kv_len = self._positions(idx, input_pos, kv_len)
         else:
             segs = self._segments(idx, input_pos, positions)
         x = self.dropout(self.embed_tokens(idx))
@@ -275,10 +279,12 @@ class GEB(nn.Module):
         out = self.lm_head(h)
         return out, (None if targets is None else cross_entropy(out, targets))
 
-    def _positions(self, idx: torch.Tensor, input_pos: torch.Tensor | None) -> tuple[torch.Tensor, int | None]:
+    def _positions(self, idx: torch.Tensor, input_pos: torch.Tensor | None,
+                   kv_len: int | None = None) -> tuple[torch.Tensor, int | None]:
         """The (T,) positions of idx's tokens, checked against max_seq_len and the KV cache, and the number of cache
-        positions attention reads: the filled ones in eager steps (a chat's 2048-position cache would otherwise cost
-        more than the weights on a CPU); None, the whole cache, when compiling or without a cache."""
+        positions attention reads: kv_len if given, else the filled ones in eager steps (a chat's 2048-position cache
+        would otherwise cost more than the weights on a CPU); None, the whole cache, when compiling or without a
+        cache."""
         t = idx.shape[1]
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.config.max_seq_len}")
@@ -286,6 +292,8 @@ class GEB(nn.Module):
         if input_pos is None:
             if cache is not None:
                 raise ValueError("with a KV cache, pass input_pos: the (T,) positions of idx's tokens")
+            if kv_len is not None:
+                raise ValueError("kv_len is for decoding with a KV cache (setup_kv_cache)")
             return torch.arange(t, device=idx.device), None
         if tuple(input_pos.shape) != (t,):
             raise ValueError(f"input_pos must have shape ({t},) for {t} tokens, got {tuple(input_pos.shape)}")
@@ -296,8 +304,11 @@ class GEB(nn.Module):
             if cache is not None and last >= cache.k.shape[1]:
                 raise ValueError(f"position {last} is past the KV cache of {cache.k.shape[1]} positions "
                                  "(setup_kv_cache max_seq_len)")
-            return input_pos, (last + 1 if cache is not None else None)
-        return input_pos, None
+            if kv_len is not None and (cache is None or not last < kv_len <= cache.k.shape[1]):
+                raise ValueError(f"kv_len {kv_len} must cover position {last} and fit the KV cache "
+                                 f"({'none set up' if cache is None else cache.k.shape[1]} positions)")
+            return input_pos, (kv_len if kv_len is not None else last + 1 if cache is not None else None)
+        return input_pos, kv_len
 
 
     def _segments(self, idx: torch.Tensor, input_pos: torch.Tensor | None, positions: torch.Tensor) -> Segments:

@@ -7,8 +7,9 @@ a checkpoint and a --quant writes the converted weights to geb's cache dir (`GEB
 a model built on the meta device. An entry is keyed by the checkpoint's resolved path and quant, and stamped with
 its size and modification time (hashing gigabytes on every start would cost seconds) and this module's format
 version: a checkpoint rewritten since is detected and its entry rebuilt, never used.
-What is cached per quant: "none" the fused fp32 weights (geb's AVX2 layout is the plain one), "int4" the Q4_0 blocks,
-"int8" the fused fp32 weights (FBGEMM's packed weights are opaque objects: they are packed again at each start).
+What is cached per quant: "none" the fused fp32 weights (geb's AVX2 layout is the plain one), "int4" and "q8_0" the
+Q4_0 and Q8_0 blocks, "int8" the fused fp32 weights (FBGEMM's packed weights are opaque objects: they are packed
+again at each start).
 """
 
 import hashlib
@@ -22,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from geb.checkpoint import list_checkpoints
 from geb.config import ModelConfig
-from geb.cpu_linear import F32Linear, Int4Linear, _replace_linears
+from geb.cpu_linear import F32Linear, Int4Linear, Q8Linear, _replace_linears
 from geb.files import atomic_path, cache_dir
 from geb.model import GEB
 
@@ -95,6 +96,8 @@ def _skeleton(config: ModelConfig, quant: str) -> GEB:
         _replace_linears(model, F32Linear)
     elif quant == "int4":
         _replace_linears(model, Int4Linear.empty_like)
+    elif quant == "q8_0":
+        _replace_linears(model, Q8Linear.empty_like)
     return model
 
 

@@ -16,13 +16,16 @@ from geb.cpu_linear import (
     Q4_MAX_TILED_ROWS,
     F32Linear,
     Int4Linear,
+    Q8Linear,
     _clear_stale_build_lock,
     convert_for_cpu,
     dequantize_q4_0,
+    dequantize_q8_0,
     load_gemv,
     q4_kernels,
     quantize_int8,
     quantize_q4_0,
+    quantize_q8_0,
     use_q4_kernel,
 )
 from geb.generate import Decoder
@@ -57,7 +60,7 @@ def test_int8_logits_close_to_fp32(tiny_model, tokenizer, method):
 def test_unknown_formats_are_refused(tiny_model):
     with pytest.raises(ValueError, match="quantization method must be one of .* got 'ao'"):
         quantize_int8(tiny_model, "ao")
-    with pytest.raises(ValueError, match=r"quant must be one of \('none', 'int8', 'int4'\), got 'int3'"):
+    with pytest.raises(ValueError, match=r"quant must be one of \('none', 'int8', 'q8_0', 'int4'\), got 'int3'"):
         convert_for_cpu(tiny_model, "int3")
 
 
@@ -167,16 +170,23 @@ def _needs_gemv() -> None:
     assert load_gemv(), "geb/gemv.cpp failed to build (see the warning)"
 
 
+# geb's block formats: (quantize, dequantize, kernel, gguf type, stored dtype, stored columns per weight column).
+FORMATS = {"q4_0": (quantize_q4_0, dequantize_q4_0, "linear_q4", gguf.GGMLQuantizationType.Q4_0, torch.uint8, 0.5),
+           "q8_0": (quantize_q8_0, dequantize_q8_0, "linear_q8", gguf.GGMLQuantizationType.Q8_0, torch.int8, 1)}
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
 @pytest.mark.parametrize("shape", [(1, 32), (5, 96), (7, 288), (64, 2048)])
-def test_q4_0_is_ggml_q4_0(shape):
-    """geb's Q4_0 weights dequantize to exactly what gguf's reference Q4_0 (ggml's quantize_row_q4_0_ref) gives."""
+def test_block_formats_are_ggml_s(shape, fmt):
+    """geb's Q4_0 and Q8_0 weights dequantize to exactly what gguf's reference quantizers (ggml's
+    quantize_row_q4_0_ref / q8_0_ref) give."""
+    quantize, dequantize, _, q, dtype, cols = FORMATS[fmt]
     w = torch.randn(*shape) * torch.rand(shape[0], 1) * 3
     w[0, :7] = 0  # an all-zero start (a zero block when K is 32)
-    q = gguf.GGMLQuantizationType.Q4_0
     want = gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), q), q)
-    qs, scales = quantize_q4_0(w)
-    assert qs.dtype == torch.uint8 and scales.dtype == torch.float16 and qs.shape[1] % 128 == 0
-    assert torch.equal(dequantize_q4_0(qs, scales, shape[1]), torch.from_numpy(want))
+    qs, scales = quantize(w)
+    assert qs.dtype == dtype and scales.dtype == torch.float16 and qs.shape[1] % (256 * cols) == 0
+    assert torch.equal(dequantize(qs, scales, shape[1]), torch.from_numpy(want))
 
 
 def _q8_blocks(x: torch.Tensor) -> torch.Tensor:
@@ -189,13 +199,14 @@ def _q8_blocks(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(b * inv).double() * d.double()).reshape(*x.shape[:-1], kp)[..., :k]
 
 
-def _check_linear_q4(n: int, k: int, m: int) -> None:
+def _check_linear_blocks(fmt: str, n: int, k: int, m: int) -> None:
+    quantize, dequantize, kernel, *_ = FORMATS[fmt]
     w = torch.randn(n, k) * (0.5 + torch.rand(n, 1))
     x = torch.randn(m, k) * (0.5 + torch.rand(m, 1))
-    qs, scales = quantize_q4_0(w)
-    wd = dequantize_q4_0(qs, scales, k).double()
+    qs, scales = quantize(w)
+    wd = dequantize(qs, scales, k).double()
     with torch.no_grad():
-        y = torch.ops.geb.linear_q4(x, qs, scales, k)
+        y = getattr(torch.ops.geb, kernel)(x, qs, scales, k)
     assert y.shape == (m, n) and y.dtype == torch.float32
     # Up to Q4_MAX_TILED_ROWS inputs the kernel quantizes them to int8 blocks; beyond, fp32 GEMM on dequantized rows.
     xq = _q8_blocks(x) if m <= Q4_MAX_TILED_ROWS else x.double()
@@ -221,27 +232,29 @@ def q4_kernel(request):
     use_q4_kernel(default)
 
 
-def test_q4_kernel_against_fp64(q4_kernel):
-    """geb/gemv.cpp's Q4_0 kernels (AVX2 and AVX-512 VNNI) against fp64 of the same block-dequantized weights and
-    int8 activation blocks: one token and prompt tiles (input counts not a multiple of the tiles' 3 or 4), row counts
-    not a multiple of 4, lengths not a multiple of 32 or 256, an LM-head-like matrix of many rows; and long prompts
-    (fp32 GEMM on dequantized rows, in chunks of 256 rows) against fp64 of the unquantized activations."""
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+def test_block_kernels_against_fp64(q4_kernel, fmt):
+    """geb/gemv.cpp's Q4_0 and Q8_0 kernels (AVX2 and AVX-512 VNNI) against fp64 of the same block-dequantized weights
+    and int8 activation blocks: one token and prompt tiles (input counts not a multiple of the tiles' 3 or 4), row
+    counts not a multiple of 4, lengths not a multiple of 32 or 256, an LM-head-like matrix of many rows; and long
+    prompts (fp32 GEMM on dequantized rows, in chunks of 256 rows) against fp64 of the unquantized activations."""
     torch.manual_seed(5)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         for n, k in [(1, 32), (3, 47), (4, 256), (7, 96), (13, 300), (130, 2048), (515, 704), (4099, 96)]:
             for m in (1, 2, 3, 5, 7, 17):
-                _check_linear_q4(n, k, m)
+                _check_linear_blocks(fmt, n, k, m)
         for n, k in [(3, 47), (515, 300)]:
-            _check_linear_q4(n, k, Q4_MAX_TILED_ROWS + 1)
+            _check_linear_blocks(fmt, n, k, Q4_MAX_TILED_ROWS + 1)
     finally:
         torch.set_num_threads(threads)
     assert use_q4_kernel() == q4_kernel
+    quantize, _, kernel, *_ = FORMATS[fmt]
     with pytest.raises(RuntimeError, match="last dimension must be 96"):
-        torch.ops.geb.linear_q4(torch.randn(1, 95), *quantize_q4_0(torch.randn(4, 96)), 96)
+        getattr(torch.ops.geb, kernel)(torch.randn(1, 95), *quantize(torch.randn(4, 96)), 96)
     with pytest.raises(RuntimeError, match="no backward"):
-        torch.ops.geb.linear_q4(torch.randn(1, 96, requires_grad=True), *quantize_q4_0(torch.randn(4, 96)), 96)
+        getattr(torch.ops.geb, kernel)(torch.randn(1, 96, requires_grad=True), *quantize(torch.randn(4, 96)), 96)
 
 
 def test_q4_kernel_choice():
@@ -257,17 +270,19 @@ def test_q4_kernel_choice():
     assert out.strip() == "avx2"
 
 
-def test_int4_logits_close_to_fp32(tiny_model, tokenizer, q4_kernel):
-    """--quant int4 on the trained tiny model: every linear (LM head included) in Q4_0, logits close to fp32."""
+@pytest.mark.parametrize("quant", ["int4", "q8_0"])
+def test_block_quant_logits_close_to_fp32(tiny_model, tokenizer, q4_kernel, quant):
+    """--quant int4 / q8_0 on the trained tiny model: every linear (LM head included) in Q4_0 / Q8_0, logits close to
+    fp32."""
     idx = torch.tensor([tokenizer.encode(INT8_TEXT)[:48]])
     with torch.no_grad():
         ref, _ = tiny_model(idx)
         q = copy.deepcopy(tiny_model)
-        assert convert_for_cpu(q, "int4") == "q4_0"
+        assert convert_for_cpu(q, quant) == {"int4": "q4_0", "q8_0": "q8_0"}[quant]
         got, _ = q(idx)
     assert not any(isinstance(m, torch.nn.Linear) for m in q.modules()), "every linear, LM head included"
-    assert isinstance(q.lm_head, Int4Linear)
+    assert isinstance(q.lm_head, {"int4": Int4Linear, "q8_0": Q8Linear}[quant])
     cos = torch.nn.functional.cosine_similarity(got[0], ref[0], dim=-1)
-    assert cos.min().item() >= 0.98, cos.min().item()
+    assert cos.min().item() >= {"int4": 0.98, "q8_0": 0.999}[quant], cos.min().item()
     tokens = idx[0].tolist()
     assert len(list(Decoder(q).generate(tokens, 5, temperature=0.0))) == 5

@@ -7,7 +7,7 @@ import torch._dynamo
 from helpers import small_config
 
 from geb.cpu_linear import convert_for_cpu
-from geb.generate import Decoder, GenerationStats, fit_prompt, sample
+from geb.generate import Decoder, GenerationStats, fit_prompt, kv_bucket, sample
 from geb.model import GEB
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,11 +110,11 @@ def test_stream_decoder_equals_one_shot_on_a_sampled_continuation(tiny_model, to
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights", ["plain", "gemv", "fbgemm", "q4_0"])
+@pytest.mark.parametrize("weights", ["plain", "gemv", "fbgemm", "q8_0", "q4_0"])
 def test_compiled_equals_eager_without_recompiles(weights):
     torch.manual_seed(9)
     model = GEB(small_config(), impl="torch").eval()
-    quant = {"fbgemm": "int8", "q4_0": "int4"}.get(weights, "none")
+    quant = {"fbgemm": "int8", "q8_0": "q8_0", "q4_0": "int4"}.get(weights, "none")
     if weights != "plain" and convert_for_cpu(model, quant) != weights:
         pytest.skip(f"this torch build has no {weights} weights")
     prompt = torch.randint(0, 97, (6,)).tolist()
@@ -130,3 +130,44 @@ def test_compiled_equals_eager_without_recompiles(weights):
         stats = GenerationStats()
         lazy = Decoder(model, max_seq_len=len(prompt) + 3, compile=True)
         assert list(lazy.generate(prompt, 3, temperature=0.0, stats=stats)) == eager[:3] and stats.compile_s > 0
+
+
+def test_kv_bucket():
+    assert [kv_bucket(n, 2048) for n in (1, 64, 65, 128, 129, 1025, 2048)] == [64, 64, 128, 128, 256, 2048, 2048]
+    assert kv_bucket(30, 48) == 48 and kv_bucket(5, 96, min_bucket=8) == 8 and kv_bucket(9, 96, min_bucket=8) == 16
+    model = GEB(small_config(), impl="torch").eval()
+    model.setup_kv_cache(1, 32)
+    with pytest.raises(ValueError, match="kv_len 4 must cover position 5"):
+        model(torch.tensor([[1]]), input_pos=torch.tensor([5]), kv_len=4)
+
+
+@pytest.mark.slow
+def test_compiled_buckets_equal_eager_and_compile_once_each():
+    # Small buckets (8, 16, 32) so that a short generation crosses two bucket boundaries.
+    torch.manual_seed(10)
+    model = GEB(small_config(), impl="torch").eval()
+    prompt = torch.randint(0, 97, (5,)).tolist()
+    eager = Decoder(model, max_seq_len=40)
+    ref = list(eager.generate(prompt, 20, temperature=0.0))
+    ref_logits = [eager.step(t, 5 + i) for i, t in enumerate(ref[:-1])]  # the same steps again, eagerly
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = Decoder(model, max_seq_len=40, compile=True, min_bucket=8)
+    stats = GenerationStats()
+    assert list(compiled.generate(prompt, 20, temperature=0.0, stats=stats)) == ref
+    assert compiled.buckets == {8, 16, 32} and stats.compile_s > 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # one graph per bucket, no recompile within
+    caches = [layer.self_attn.kv_cache for layer in model.layers]
+    saved = [(c.k.clone(), c.v.clone()) for c in caches]
+    with torch.no_grad():
+        # Positions 6..8 cross the 8 -> 16 boundary, 14..17 the 16 -> 32 one: logits equal the eager step's, with the
+        # cache past the step's bucket poisoned (NaN): the step must not read it.
+        for i in (1, 2, 3, 9, 10, 11, 12):
+            bucket = compiled.bucket(5 + i + 1)
+            for c in caches:
+                c.k[:, bucket:] = c.v[:, bucket:] = float("nan")
+            torch.testing.assert_close(compiled.step(ref[i], 5 + i), ref_logits[i], rtol=1e-4, atol=1e-4)
+            for c, (k, v) in zip(caches, saved, strict=True):
+                c.k.copy_(k)
+                c.v.copy_(v)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3

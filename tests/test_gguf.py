@@ -11,9 +11,9 @@ import sentencepiece as spm
 import torch
 
 from geb.config import ModelConfig
-from geb.cpu_linear import convert_for_cpu, dequantize_q4_0, load_gemv
+from geb.cpu_linear import convert_for_cpu, dequantize_q4_0, dequantize_q8_0, load_gemv
 from geb.generate import Decoder
-from geb.gguf import export_gguf, permute_rotary
+from geb.gguf import BLOCK_TYPES, FILE_TYPES, export_gguf, permute_rotary
 from geb.model import GEB
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,25 +130,27 @@ def test_quantized_export_is_close(tmp_path, tokenizer_file, qtype):
     assert cos.min() > 0.999
 
 
-def test_q4_0_export_holds_the_int4_weights(tmp_path, tokenizer_file):
-    """--type q4_0: Q4_0 linear weights (norms f32) equal, value for value, the weights infer_cpu.py --quant int4
-    decodes with (geb's fused q/k/v and gate/up, q/k rows permuted as the export does)."""
+@pytest.mark.parametrize("qtype, quant", [("q4_0", "int4"), ("q8_0", "q8_0")])
+def test_block_export_holds_the_quantized_weights(tmp_path, tokenizer_file, qtype, quant):
+    """--type q4_0 / q8_0: Q4_0 / Q8_0 linear weights (norms f32) equal, value for value, the weights infer_cpu.py
+    --quant int4 / q8_0 decodes with (geb's fused q/k/v and gate/up, q/k rows permuted as the export does)."""
     if not load_gemv():
-        pytest.skip("--quant int4 needs geb/gemv.cpp built (AVX2, a C++ compiler)")
+        pytest.skip(f"--quant {quant} needs geb/gemv.cpp built (AVX2, a C++ compiler)")
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
     model = random_model(sp.get_piece_size())
-    path = export_gguf(model, tokenizer_file, tmp_path / "m.gguf", "q4_0")
+    path = export_gguf(model, tokenizer_file, tmp_path / "m.gguf", qtype)
     t, meta = read(path)
     kinds = {tt.name: tt.tensor_type for tt in gguf.GGUFReader(path).tensors}
-    assert field(meta, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q4_0
-    q4 = gguf.GGMLQuantizationType.Q4_0
-    assert {k for k, v in kinds.items() if v == q4} == {k for k in kinds if not k.endswith("norm.weight")}
+    assert field(meta, "general.file_type") == FILE_TYPES[qtype]
+    block = BLOCK_TYPES[qtype]
+    assert {k for k, v in kinds.items() if v == block} == {k for k in kinds if not k.endswith("norm.weight")}
     assert all(kinds[k] == gguf.GGMLQuantizationType.F32 for k in kinds if k.endswith("norm.weight"))
     c = model.config
-    convert_for_cpu(model, "int4")
+    convert_for_cpu(model, quant)
+    dequantize = dequantize_q4_0 if qtype == "q4_0" else dequantize_q8_0
 
     def weight(linear) -> torch.Tensor:
-        return dequantize_q4_0(linear.qs, linear.scales, linear.in_features)
+        return dequantize(linear.qs, linear.scales, linear.in_features)
 
     for i, layer in enumerate(model.layers):
         kv_dim = c.n_kv_heads * c.head_dim
@@ -161,7 +163,7 @@ def test_q4_0_export_holds_the_int4_weights(tmp_path, tokenizer_file):
             assert np.array_equal(t[f"blk.{i}.{name}.weight"], w.numpy()), name
     assert np.array_equal(t["output.weight"], weight(model.lm_head).numpy())
     emb = model.embed_tokens.weight.detach().numpy()
-    assert np.array_equal(t["token_embd.weight"], gguf.quants.dequantize(gguf.quants.quantize(emb, q4), q4))
+    assert np.array_equal(t["token_embd.weight"], gguf.quants.dequantize(gguf.quants.quantize(emb, block), block))
 
 
 def test_export_is_atomic_and_refuses_bad_input(tmp_path, tokenizer_file, monkeypatch):

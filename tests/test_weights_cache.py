@@ -28,7 +28,7 @@ def logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids]))[0]
 
 
-@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+@pytest.mark.parametrize("quant", ["none", "int8", "q8_0", "int4"])
 def test_second_start_maps_the_cache(run, tokenizer, quant):
     if not load_gemv():
         pytest.skip("the fp32 and int4 formats need geb/gemv.cpp built (AVX2, a C++ compiler)")
@@ -40,7 +40,7 @@ def test_second_start_maps_the_cache(run, tokenizer, quant):
     uncached, _, origin = load_converted(run, quant, use_cache=False)
     assert origin == "converted" and torch.equal(logits(uncached, ids), logits(second, ids))
     if quant != "int8":  # int8's FBGEMM weights are packed again from the mapped fp32 ones
-        mapped = second.lm_head.qs if quant == "int4" else second.layers[0].mlp.down_proj.weight
+        mapped = second.lm_head.qs if quant in ("int4", "q8_0") else second.layers[0].mlp.down_proj.weight
         assert is_mapped_from(mapped, entry_dir(checkpoint_file(run), quant) / WEIGHTS_FILE)
 
 
