@@ -270,40 +270,45 @@ at::Tensor linear_blocks_gemm(const at::Tensor& x2, const Q* qs, const uint16_t*
   return y;
 }
 
-at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, int64_t in_features) {
-  TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.size(1) % 128 == 0,
-              "geb::linear_q4: qs must be a contiguous 2-D uint8 tensor of [N, Kp / 2] with Kp % 256 == 0, got ",
-              qs.sizes(), ", ", qs.scalar_type());
-  const int64_t N = qs.size(0), Kp = qs.size(1) * 2, K = in_features;
+// What linear_q4 and linear_q8 share once each has checked its qs and set N and Kp: the scales and input checks,
+// then long prompts through at::mm on dequantized rows and the rest through the integer tiles (rows_avx2/rows_vnni).
+template <typename Q, typename Dequantize, typename Rows>
+at::Tensor linear_blocks(const char* op, const at::Tensor& x, const Q* p_qs, const at::Tensor& scales, int64_t N,
+                         int64_t K, int64_t Kp, Dequantize dequantize, Rows rows_avx2, Rows rows_vnni) {
   TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
                   scales.size(0) == N && scales.size(1) == Kp / 32,
-              "geb::linear_q4: scales must be a contiguous float16 tensor of [", N, ", ", Kp / 32, "], got ",
-              scales.sizes(), ", ", scales.scalar_type());
-  TORCH_CHECK(K > Kp - 256 && K <= Kp, "geb::linear_q4: in_features ", K, " does not fit qs of ", Kp, " columns");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "geb::linear_q4: x's last dimension must be ", K, ", got ", x.sizes());
+              op, ": scales must be a contiguous float16 tensor of [", N, ", ", Kp / 32, "], got ", scales.sizes(),
+              ", ", scales.scalar_type());
+  TORCH_CHECK(K > Kp - 256 && K <= Kp, op, ": in_features ", K, " does not fit qs of ", Kp, " columns");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, op, ": x's last dimension must be ", K, ", got ", x.sizes());
   TORCH_CHECK(!(at::GradMode::is_enabled() && x.requires_grad()),
-              "geb::linear_q4 is for inference and has no backward: call it under torch.no_grad()");
+              op, " is for inference and has no backward: call it under torch.no_grad()");
   const at::Tensor x_c = x.to(at::kFloat).contiguous();
   const int64_t M = x_c.numel() / K;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   at::Tensor y = at::empty(out_shape, x_c.options());
   if (M == 0 || N == 0) return y.to(x.scalar_type());
+  const uint16_t* p_s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   if (M > kQ4MaxTiledInputs) {
-    const at::Tensor y2 = linear_blocks_gemm(x_c.reshape({M, K}), qs.data_ptr<uint8_t>(),
-                                             reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), N, K, Kp,
-                                             q4_dequantize_rows);
+    const at::Tensor y2 = linear_blocks_gemm(x_c.reshape({M, K}), p_qs, p_s, N, K, Kp, dequantize);
     return y2.reshape(out_shape).to(x.scalar_type());
   }
   const QuantizedInput in = quantize_input(x_c.data_ptr<float>(), M, K, Kp);
-  const uint8_t* p_qs = qs.data_ptr<uint8_t>();
-  const uint16_t* p_s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   float* p_y = y.data_ptr<float>();
-  const auto rows = g_q4_vnni ? &vnni::q4_rows : &avx2::q4_rows;
+  const Rows rows = g_q4_vnni ? rows_vnni : rows_avx2;
   at::parallel_for(0, (N + kQ4Rows - 1) / kQ4Rows, M > 1 ? 1 : 16, [&](int64_t begin, int64_t end) {
     rows(p_qs, p_s, in, p_y, begin, end, M, N, Kp);
   });
   return y.to(x.scalar_type());
+}
+
+at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, int64_t in_features) {
+  TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.size(1) % 128 == 0,
+              "geb::linear_q4: qs must be a contiguous 2-D uint8 tensor of [N, Kp / 2] with Kp % 256 == 0, got ",
+              qs.sizes(), ", ", qs.scalar_type());
+  return linear_blocks("geb::linear_q4", x, qs.data_ptr<uint8_t>(), scales, qs.size(0), in_features, qs.size(1) * 2,
+                       q4_dequantize_rows, &avx2::q4_rows, &vnni::q4_rows);
 }
 
 // geb::linear_q8: weights as ggml's Q8_0 (blocks of 32, w = q * d, q int8 in -127..127, d fp16), stored as they are:
@@ -313,34 +318,8 @@ at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kChar && qs.is_contiguous() && qs.size(1) % 256 == 0,
               "geb::linear_q8: qs must be a contiguous 2-D int8 tensor of [N, Kp] with Kp % 256 == 0, got ",
               qs.sizes(), ", ", qs.scalar_type());
-  const int64_t N = qs.size(0), Kp = qs.size(1), K = in_features;
-  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
-                  scales.size(0) == N && scales.size(1) == Kp / 32,
-              "geb::linear_q8: scales must be a contiguous float16 tensor of [", N, ", ", Kp / 32, "], got ",
-              scales.sizes(), ", ", scales.scalar_type());
-  TORCH_CHECK(K > Kp - 256 && K <= Kp, "geb::linear_q8: in_features ", K, " does not fit qs of ", Kp, " columns");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "geb::linear_q8: x's last dimension must be ", K, ", got ", x.sizes());
-  TORCH_CHECK(!(at::GradMode::is_enabled() && x.requires_grad()),
-              "geb::linear_q8 is for inference and has no backward: call it under torch.no_grad()");
-  const at::Tensor x_c = x.to(at::kFloat).contiguous();
-  const int64_t M = x_c.numel() / K;
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  at::Tensor y = at::empty(out_shape, x_c.options());
-  if (M == 0 || N == 0) return y.to(x.scalar_type());
-  const int8_t* p_qs = qs.data_ptr<int8_t>();
-  const uint16_t* p_s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  if (M > kQ4MaxTiledInputs) {
-    const at::Tensor y2 = linear_blocks_gemm(x_c.reshape({M, K}), p_qs, p_s, N, K, Kp, q8_dequantize_rows);
-    return y2.reshape(out_shape).to(x.scalar_type());
-  }
-  const QuantizedInput in = quantize_input(x_c.data_ptr<float>(), M, K, Kp);
-  float* p_y = y.data_ptr<float>();
-  const auto rows = g_q4_vnni ? &vnni::q8_rows : &avx2::q8_rows;
-  at::parallel_for(0, (N + kQ4Rows - 1) / kQ4Rows, M > 1 ? 1 : 16, [&](int64_t begin, int64_t end) {
-    rows(p_qs, p_s, in, p_y, begin, end, M, N, Kp);
-  });
-  return y.to(x.scalar_type());
+  return linear_blocks("geb::linear_q8", x, qs.data_ptr<int8_t>(), scales, qs.size(0), in_features, qs.size(1),
+                       q8_dequantize_rows, &avx2::q8_rows, &vnni::q8_rows);
 }
 
 }  // namespace
