@@ -298,44 +298,6 @@ def dequantize_q4_0(qs: torch.Tensor, scales: torch.Tensor, in_features: int) ->
     return (q * scales.float()[..., None]).reshape(n, -1)[:, :in_features]
 
 
-class Int4Linear(nn.Module):
-    """4-bit linear: Q4_0 weights (geb/gemv.cpp's layout), activations quantized to int8 per block at each call."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        if not load_gemv():
-            raise RuntimeError("Int4Linear needs geb/gemv.cpp built: an AVX2 CPU, a C++ compiler and ninja")
-        qs, scales = quantize_q4_0(linear.weight)
-        self.register_buffer("qs", qs)
-        self.register_buffer("scales", scales)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    @classmethod
-    def empty_like(cls, linear: nn.Linear) -> "Int4Linear":
-        """An Int4Linear of linear's shape with uninitialized weights (on linear's device), to load a state dict."""
-        if not load_gemv():
-            raise RuntimeError("Int4Linear needs geb/gemv.cpp built: an AVX2 CPU, a C++ compiler and ninja")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        kp = -(-linear.in_features // Q4_PAD) * Q4_PAD
-        device = linear.weight.device
-        self.register_buffer("qs", torch.empty(linear.out_features, kp // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.empty(linear.out_features, kp // Q4_BLOCK, dtype=torch.float16,
-                                                   device=device))
-        self.register_buffer("bias", None if linear.bias is None else torch.empty_like(linear.bias))
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.geb.linear_q4(x, self.qs, self.scales, self.in_features)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, Q4_0 (geb {use_q4_kernel()} "
-                "kernels)")
-
-
 def quantize_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of w (N, K) as ggml's Q8_0 in geb/gemv.cpp's layout: (qs int8 (N, Kp), scales fp16 (N, Kp / 32)), Kp =
     K rounded up to Q4_PAD with zeros. The values are those of gguf.quants.quantize(w, Q8_0)."""
@@ -356,42 +318,81 @@ def dequantize_q8_0(qs: torch.Tensor, scales: torch.Tensor, in_features: int) ->
     return (qs.reshape(n, -1, Q4_BLOCK).float() * scales.float()[..., None]).reshape(n, -1)[:, :in_features]
 
 
-class Q8Linear(nn.Module):
-    """8-bit linear: Q8_0 weights (geb/gemv.cpp), activations quantized to int8 per block at each call."""
+class BlockLinear(nn.Module):
+    """A linear layer in one of ggml's block formats (blocks of 32 weights, one fp16 scale each; geb/gemv.cpp's
+    layout) on geb's integer kernels, activations quantized to int8 per block at each call. Int4Linear and Q8Linear
+    say which format: its name, quantizer, qs bytes per weight and dtype, and kernel."""
+
+    FORMAT: str
+    QS_BYTES_PER_WEIGHT: float
+    QS_DTYPE: torch.dtype
+
+    @staticmethod
+    def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qs, scales) of the rows of w in this format."""
+        raise NotImplementedError
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T on geb/gemv.cpp's kernel for this format."""
+        raise NotImplementedError
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        if not load_gemv():
-            raise RuntimeError("Q8Linear needs geb/gemv.cpp built: an AVX2 CPU, a C++ compiler and ninja")
-        qs, scales = quantize_q8_0(linear.weight)
-        self.register_buffer("qs", qs)
-        self.register_buffer("scales", scales)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._require_gemv()
+        qs, scales = self.quantize(linear.weight)
+        self._set(linear, qs, scales, None if linear.bias is None else linear.bias.detach().float())
 
     @classmethod
-    def empty_like(cls, linear: nn.Linear) -> "Q8Linear":
-        """A Q8Linear of linear's shape with uninitialized weights (on linear's device), to load a state dict."""
-        if not load_gemv():
-            raise RuntimeError("Q8Linear needs geb/gemv.cpp built: an AVX2 CPU, a C++ compiler and ninja")
+    def empty_like(cls, linear: nn.Linear) -> "BlockLinear":
+        """A layer of linear's shape with uninitialized weights (on linear's device), to load a state dict."""
+        cls._require_gemv()
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         kp = -(-linear.in_features // Q4_PAD) * Q4_PAD
         device = linear.weight.device
-        self.register_buffer("qs", torch.empty(linear.out_features, kp, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(linear.out_features, kp // Q4_BLOCK, dtype=torch.float16,
-                                                   device=device))
-        self.register_buffer("bias", None if linear.bias is None else torch.empty_like(linear.bias))
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        qs = torch.empty(linear.out_features, int(kp * cls.QS_BYTES_PER_WEIGHT), dtype=cls.QS_DTYPE, device=device)
+        scales = torch.empty(linear.out_features, kp // Q4_BLOCK, dtype=torch.float16, device=device)
+        self._set(linear, qs, scales, None if linear.bias is None else torch.empty_like(linear.bias))
         return self
 
+    @classmethod
+    def _require_gemv(cls) -> None:
+        if not load_gemv():
+            raise RuntimeError(f"{cls.__name__} needs geb/gemv.cpp built: an AVX2 CPU, a C++ compiler and ninja")
+
+    def _set(self, linear: nn.Linear, qs: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.register_buffer("qs", qs)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.geb.linear_q8(x, self.qs, self.scales, self.in_features)
+        y = self.kernel(x)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, Q8_0 (geb {use_q4_kernel()} "
-                "kernels)")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.FORMAT} (geb "
+                f"{use_q4_kernel()} kernels)")
+
+
+class Int4Linear(BlockLinear):
+    """4-bit linear: Q4_0 weights (two per qs byte)."""
+
+    FORMAT, QS_BYTES_PER_WEIGHT, QS_DTYPE = "Q4_0", 0.5, torch.uint8
+    quantize = staticmethod(quantize_q4_0)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.geb.linear_q4(x, self.qs, self.scales, self.in_features)
+
+
+class Q8Linear(BlockLinear):
+    """8-bit linear: Q8_0 weights."""
+
+    FORMAT, QS_BYTES_PER_WEIGHT, QS_DTYPE = "Q8_0", 1.0, torch.int8
+    quantize = staticmethod(quantize_q8_0)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.geb.linear_q8(x, self.qs, self.scales, self.in_features)
 
 
 def quantize_q8(model: nn.Module) -> str:
