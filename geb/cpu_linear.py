@@ -56,7 +56,7 @@ _LIB = torch.library.Library("geb", "FRAGMENT")
 _LIB.define("linear_int8_dynamic(Tensor x, int handle, int out_features) -> Tensor")
 _LIB.define("linear_onednn(Tensor x, int handle, int out_features) -> Tensor")
 _LIB.define("linear_f32(Tensor x, Tensor weight, Tensor? bias) -> Tensor")  # CPU kernel: geb/gemv.cpp
-_LIB.define("linear_q4(Tensor x, Tensor qs, Tensor scales, int in_features) -> Tensor")  # CPU kernel: geb/gemv.cpp
+_LIB.define("linear_q4(Tensor x, Tensor qs, Tensor scales, int in_features, int out_features) -> Tensor")  # gemv.cpp
 _LIB.define("linear_q8(Tensor x, Tensor qs, Tensor scales, int in_features) -> Tensor")  # CPU kernel: geb/gemv.cpp
 
 
@@ -85,8 +85,9 @@ def _linear_f32_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 @torch.library.register_fake("geb::linear_q4", lib=_LIB)
-def _linear_q4_fake(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], qs.shape[0])
+def _linear_q4_fake(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, in_features: int,
+                    out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 @torch.library.register_fake("geb::linear_q8", lib=_LIB)
@@ -271,31 +272,38 @@ class Int8Linear(nn.Module):
 
 
 Q4_BLOCK = 32  # weights per Q4_0 block (one fp16 scale each)
-Q4_PAD = 256  # geb/gemv.cpp reads a row's scales eight blocks at a time: rows padded to a multiple of 256
+Q4_PAD = 256  # geb/gemv.cpp's rows are padded to a multiple of 256 weights
+Q4_GROUP = 16  # Q4_0 rows interleaved in one stream by geb/gemv.cpp (kQ4Group); out_features padded to a multiple
 Q4_MAX_TILED_ROWS = 1024  # geb/gemv.cpp's kQ4MaxTiledInputs: longer inputs go through fp32 GEMM on dequantized rows
 
 
 def quantize_q4_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows of w (N, K) as ggml's Q4_0 in geb/gemv.cpp's layout: (qs uint8 (N, Kp / 2), scales fp16 (N, Kp / 32)),
-    Kp = K rounded up to Q4_PAD with zeros. The values are those of gguf.quants.quantize(w, Q4_0)."""
+    """The rows of w (N, K) as ggml's Q4_0 in geb/gemv.cpp's layout: (qs uint8 (Np, Kp / 2), scales fp16 (Np, Kp / 32)),
+    Np = N rounded up to Q4_GROUP and Kp = K to Q4_PAD, with zeros. The values are those of
+    gguf.quants.quantize(w, Q4_0); each group of Q4_GROUP rows is interleaved (geb/gemv.cpp says how)."""
     n, k = w.shape
-    kp = -(-k // Q4_PAD) * Q4_PAD
-    blocks = torch.nn.functional.pad(w.detach().float(), (0, kp - k)).reshape(n, kp // Q4_BLOCK, Q4_BLOCK)
+    kp, n_pad = -(-k // Q4_PAD) * Q4_PAD, -(-n // Q4_GROUP) * Q4_GROUP
+    blocks = torch.nn.functional.pad(w.detach().float(), (0, kp - k, 0, n_pad - n))
+    blocks = blocks.reshape(n_pad, kp // Q4_BLOCK, Q4_BLOCK)
     # ggml's quantize_row_q4_0_ref: d = the block's value of largest magnitude / -8, q = trunc(x / d + 8.5) in 0..15.
     imax = blocks.abs().argmax(dim=-1, keepdim=True)
     d = blocks.gather(-1, imax) / -8
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    q = torch.trunc(blocks * inv + 8.5).clamp_(0, 15).to(torch.uint8).reshape(n, kp // 64, 2, 32)
-    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, kp // 2)  # byte j of a 64-weight chunk: weights j and j + 32
-    return qs.contiguous(), d.squeeze(-1).to(torch.float16).contiguous()
+    q = torch.trunc(blocks * inv + 8.5).clamp_(0, 15).to(torch.uint8)
+    ggml = q[..., :16] | (q[..., 16:] << 4)  # (Np, blocks, 16): ggml's bytes, byte j = weights j and j + 16
+    # (groups, 16 rows, blocks, 4 t, 4 bytes) -> (groups, blocks, t, rows, bytes): 64 bytes = one byte quad a row.
+    qs = ggml.reshape(n_pad // Q4_GROUP, Q4_GROUP, kp // Q4_BLOCK, 4, 4).permute(0, 2, 3, 1, 4).reshape(n_pad, kp // 2)
+    scales = d.squeeze(-1).to(torch.float16).reshape(n_pad // Q4_GROUP, Q4_GROUP, -1).transpose(1, 2)
+    return qs.contiguous(), scales.reshape(n_pad, kp // Q4_BLOCK).contiguous()
 
 
-def dequantize_q4_0(qs: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The fp32 weight (N, in_features) that quantize_q4_0's output stands for: (q - 8) * d."""
-    n = qs.shape[0]
-    chunks = qs.reshape(n, -1, 1, 32)
-    q = torch.cat([chunks & 0x0F, chunks >> 4], dim=2).reshape(n, -1, Q4_BLOCK).float() - 8
-    return (q * scales.float()[..., None]).reshape(n, -1)[:, :in_features]
+def dequantize_q4_0(qs: torch.Tensor, scales: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    """The fp32 weight (out_features, in_features) that quantize_q4_0's output stands for: (q - 8) * d."""
+    n_pad, nb = scales.shape
+    ggml = qs.reshape(n_pad // Q4_GROUP, nb, 4, Q4_GROUP, 4).permute(0, 3, 1, 2, 4).reshape(n_pad, nb, 16)
+    q = torch.cat([ggml & 0x0F, ggml >> 4], dim=-1).float() - 8
+    d = scales.reshape(n_pad // Q4_GROUP, nb, Q4_GROUP).transpose(1, 2).reshape(n_pad, nb, 1).float()
+    return (q * d).reshape(n_pad, -1)[:out_features, :in_features]
 
 
 def quantize_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,10 +320,10 @@ def quantize_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.reshape(n, kp).contiguous(), d.squeeze(-1).to(torch.float16).contiguous()
 
 
-def dequantize_q8_0(qs: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The fp32 weight (N, in_features) that quantize_q8_0's output stands for: q * d."""
+def dequantize_q8_0(qs: torch.Tensor, scales: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    """The fp32 weight (out_features, in_features) that quantize_q8_0's output stands for: q * d."""
     n = qs.shape[0]
-    return (qs.reshape(n, -1, Q4_BLOCK).float() * scales.float()[..., None]).reshape(n, -1)[:, :in_features]
+    return (qs.reshape(n, -1, Q4_BLOCK).float() * scales.float()[..., None]).reshape(n, -1)[:out_features, :in_features]
 
 
 class BlockLinear(nn.Module):
@@ -326,6 +334,7 @@ class BlockLinear(nn.Module):
     FORMAT: str
     QS_BYTES_PER_WEIGHT: float
     QS_DTYPE: torch.dtype
+    ROW_MULTIPLE: int  # qs and scales hold out_features rounded up to this
 
     @staticmethod
     def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,9 +358,10 @@ class BlockLinear(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         kp = -(-linear.in_features // Q4_PAD) * Q4_PAD
+        rows = -(-linear.out_features // cls.ROW_MULTIPLE) * cls.ROW_MULTIPLE
         device = linear.weight.device
-        qs = torch.empty(linear.out_features, int(kp * cls.QS_BYTES_PER_WEIGHT), dtype=cls.QS_DTYPE, device=device)
-        scales = torch.empty(linear.out_features, kp // Q4_BLOCK, dtype=torch.float16, device=device)
+        qs = torch.empty(rows, int(kp * cls.QS_BYTES_PER_WEIGHT), dtype=cls.QS_DTYPE, device=device)
+        scales = torch.empty(rows, kp // Q4_BLOCK, dtype=torch.float16, device=device)
         self._set(linear, qs, scales, None if linear.bias is None else torch.empty_like(linear.bias))
         return self
 
@@ -376,19 +386,19 @@ class BlockLinear(nn.Module):
 
 
 class Int4Linear(BlockLinear):
-    """4-bit linear: Q4_0 weights (two per qs byte)."""
+    """4-bit linear: Q4_0 weights (two per qs byte), rows interleaved in groups of Q4_GROUP."""
 
-    FORMAT, QS_BYTES_PER_WEIGHT, QS_DTYPE = "Q4_0", 0.5, torch.uint8
+    FORMAT, QS_BYTES_PER_WEIGHT, QS_DTYPE, ROW_MULTIPLE = "Q4_0", 0.5, torch.uint8, Q4_GROUP
     quantize = staticmethod(quantize_q4_0)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.geb.linear_q4(x, self.qs, self.scales, self.in_features)
+        return torch.ops.geb.linear_q4(x, self.qs, self.scales, self.in_features, self.out_features)
 
 
 class Q8Linear(BlockLinear):
     """8-bit linear: Q8_0 weights."""
 
-    FORMAT, QS_BYTES_PER_WEIGHT, QS_DTYPE = "Q8_0", 1.0, torch.int8
+    FORMAT, QS_BYTES_PER_WEIGHT, QS_DTYPE, ROW_MULTIPLE = "Q8_0", 1.0, torch.int8, 1
     quantize = staticmethod(quantize_q8_0)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from geb.cpu_linear import F32Linear, Int4Linear, Q8Linear, _replace_linears
 from geb.files import atomic_path, cache_dir
 from geb.model import GEB
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: Q4_0 rows interleaved in groups of 16
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "meta.json"
 

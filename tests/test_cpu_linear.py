@@ -186,7 +186,7 @@ def test_block_formats_are_ggml_s(shape, fmt):
     want = gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), q), q)
     qs, scales = quantize(w)
     assert qs.dtype == dtype and scales.dtype == torch.float16 and qs.shape[1] % (256 * cols) == 0
-    assert torch.equal(dequantize(qs, scales, shape[1]), torch.from_numpy(want))
+    assert torch.equal(dequantize(qs, scales, shape[1], shape[0]), torch.from_numpy(want))
 
 
 def _q8_blocks(x: torch.Tensor) -> torch.Tensor:
@@ -199,14 +199,21 @@ def _q8_blocks(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(b * inv).double() * d.double()).reshape(*x.shape[:-1], kp)[..., :k]
 
 
+def _kernel(fmt: str, x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """geb/gemv.cpp's operator of fmt on (qs, scales) of an n x k weight (Q4_0's also takes n: its rows are padded)."""
+    if fmt == "q4_0":
+        return torch.ops.geb.linear_q4(x, qs, scales, k, n)
+    return torch.ops.geb.linear_q8(x, qs, scales, k)
+
+
 def _check_linear_blocks(fmt: str, n: int, k: int, m: int) -> None:
     quantize, dequantize, kernel, *_ = FORMATS[fmt]
     w = torch.randn(n, k) * (0.5 + torch.rand(n, 1))
     x = torch.randn(m, k) * (0.5 + torch.rand(m, 1))
     qs, scales = quantize(w)
-    wd = dequantize(qs, scales, k).double()
+    wd = dequantize(qs, scales, k, n).double()
     with torch.no_grad():
-        y = getattr(torch.ops.geb, kernel)(x, qs, scales, k)
+        y = _kernel(fmt, x, qs, scales, k, n)
     assert y.shape == (m, n) and y.dtype == torch.float32
     # Up to Q4_MAX_TILED_ROWS inputs the kernel quantizes them to int8 blocks; beyond, fp32 GEMM on dequantized rows.
     xq = _q8_blocks(x) if m <= Q4_MAX_TILED_ROWS else x.double()
@@ -250,11 +257,14 @@ def test_block_kernels_against_fp64(q4_kernel, fmt):
     finally:
         torch.set_num_threads(threads)
     assert use_q4_kernel() == q4_kernel
-    quantize, _, kernel, *_ = FORMATS[fmt]
+    quantize, *_ = FORMATS[fmt]
     with pytest.raises(RuntimeError, match="last dimension must be 96"):
-        getattr(torch.ops.geb, kernel)(torch.randn(1, 95), *quantize(torch.randn(4, 96)), 96)
+        _kernel(fmt, torch.randn(1, 95), *quantize(torch.randn(4, 96)), 96, 4)
     with pytest.raises(RuntimeError, match="no backward"):
-        getattr(torch.ops.geb, kernel)(torch.randn(1, 96, requires_grad=True), *quantize(torch.randn(4, 96)), 96)
+        _kernel(fmt, torch.randn(1, 96, requires_grad=True), *quantize(torch.randn(4, 96)), 96, 4)
+    if fmt == "q4_0":
+        with pytest.raises(RuntimeError, match=r"qs must hold 32 rows \(out_features 17 rounded up"):
+            _kernel(fmt, torch.randn(1, 96), *quantize(torch.randn(4, 96)), 96, 17)
 
 
 def test_q4_kernel_choice():
