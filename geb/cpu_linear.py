@@ -58,6 +58,7 @@ _LIB.define("linear_onednn(Tensor x, int handle, int out_features) -> Tensor")
 _LIB.define("linear_f32(Tensor x, Tensor weight, Tensor? bias) -> Tensor")  # CPU kernel: geb/gemv.cpp
 _LIB.define("linear_q4(Tensor x, Tensor qs, Tensor scales, int in_features, int out_features) -> Tensor")  # gemv.cpp
 _LIB.define("linear_q8(Tensor x, Tensor qs, Tensor scales, int in_features) -> Tensor")  # CPU kernel: geb/gemv.cpp
+_LIB.define("linear_i8(Tensor x, Tensor qs, Tensor scales, Tensor sums, int in_features, int out_features) -> Tensor")
 
 
 def _linear_int8_dynamic(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
@@ -93,6 +94,12 @@ def _linear_q4_fake(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, in_
 @torch.library.register_fake("geb::linear_q8", lib=_LIB)
 def _linear_q8_fake(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], qs.shape[0])
+
+
+@torch.library.register_fake("geb::linear_i8", lib=_LIB)
+def _linear_i8_fake(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, sums: torch.Tensor, in_features: int,
+                    out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 def _build_directory(name: str) -> Path | None:
@@ -131,7 +138,7 @@ def load_gemv() -> bool:
             print(f"[geb.cpu_linear] building {source.name} into {build_dir} (first use only, ~30 s)", file=sys.stderr,
                   flush=True)
     # torch hashes the listed sources only: the included header's hash goes into the flags so a change rebuilds.
-    header = hashlib.sha256(b"".join(source.with_name(h).read_bytes() for h in ("gemv_q4.h", "gemv_q8.h")))
+    header = hashlib.sha256(b"".join(source.with_name(h).read_bytes() for h in ("gemv_q4.h", "gemv_q8.h", "gemv_i8.h")))
     header = header.hexdigest()[:16]
     try:
         # -mavx2 -mfma, not -march=native: a build cached in a shared home directory must run on any AVX2 machine
@@ -324,6 +331,78 @@ def dequantize_q8_0(qs: torch.Tensor, scales: torch.Tensor, in_features: int, ou
     """The fp32 weight (out_features, in_features) that quantize_q8_0's output stands for: q * d."""
     n = qs.shape[0]
     return (qs.reshape(n, -1, Q4_BLOCK).float() * scales.float()[..., None]).reshape(n, -1)[:out_features, :in_features]
+
+
+I8_GROUP = 16  # per-channel int8 rows interleaved in one stream by geb/gemv.cpp (kI8Group)
+I8_PAD = 64  # geb/gemv.cpp's per-channel int8 rows are padded to a multiple of 64 weights (kI8Pad)
+
+
+def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows of w (N, K) as int8 with one scale a row (d = max|w| / 127, q = round(w / d)) in geb/gemv.cpp's
+    layout: (qs int8 (Np, Kp), scales fp32 (Np,), sums int32 (Np,) = 128 * sum(q) a row), Np = N rounded up to
+    I8_GROUP and Kp = K to I8_PAD, with zeros; each group of I8_GROUP rows interleaved four columns at a time."""
+    n, k = w.shape
+    kp, n_pad = -(-k // I8_PAD) * I8_PAD, -(-n // I8_GROUP) * I8_GROUP
+    wp = torch.nn.functional.pad(w.detach().float(), (0, kp - k, 0, n_pad - n))
+    d = wp.abs().amax(dim=1) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.round(wp * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+    sums = 128 * q.sum(dim=1, dtype=torch.int32)
+    qs = q.reshape(n_pad // I8_GROUP, I8_GROUP, kp // 4, 4).permute(0, 2, 1, 3).reshape(n_pad, kp)
+    return qs.contiguous(), d.contiguous(), sums.to(torch.int32).contiguous()
+
+
+def dequantize_int8_rows(qs: torch.Tensor, scales: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    """The fp32 weight (out_features, in_features) that quantize_int8_rows's output stands for: q * d."""
+    n_pad, kp = qs.shape
+    q = qs.reshape(n_pad // I8_GROUP, kp // 4, I8_GROUP, 4).permute(0, 2, 1, 3).reshape(n_pad, kp)
+    return (q.float() * scales[:, None])[:out_features, :in_features]
+
+
+class ChannelInt8Linear(nn.Module):
+    """8-bit linear on geb's kernel: int8 weights with one scale a row (`quantize_int8_rows`), activations quantized
+    to int8 per input row at each call, whole rows summed in int32."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self._require_gemv()
+        qs, scales, sums = quantize_int8_rows(linear.weight)
+        self._set(linear, qs, scales, sums, None if linear.bias is None else linear.bias.detach().float())
+
+    @classmethod
+    def empty_like(cls, linear: nn.Linear) -> "ChannelInt8Linear":
+        """A layer of linear's shape with uninitialized weights (on linear's device), to load a state dict."""
+        cls._require_gemv()
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        kp = -(-linear.in_features // I8_PAD) * I8_PAD
+        rows = -(-linear.out_features // I8_GROUP) * I8_GROUP
+        device = linear.weight.device
+        self._set(linear, torch.empty(rows, kp, dtype=torch.int8, device=device),
+                  torch.empty(rows, device=device), torch.empty(rows, dtype=torch.int32, device=device),
+                  None if linear.bias is None else torch.empty_like(linear.bias))
+        return self
+
+    @classmethod
+    def _require_gemv(cls) -> None:
+        if not load_gemv():
+            raise RuntimeError(f"{cls.__name__} needs geb/gemv.cpp built: an AVX2 CPU, a C++ compiler and ninja")
+
+    def _set(self, linear: nn.Linear, qs: torch.Tensor, scales: torch.Tensor, sums: torch.Tensor,
+             bias: torch.Tensor | None) -> None:
+        self.register_buffer("qs", qs)
+        self.register_buffer("scales", scales)
+        self.register_buffer("sums", sums)
+        self.register_buffer("bias", bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.geb.linear_i8(x, self.qs, self.scales, self.sums, self.in_features, self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel (geb "
+                f"{use_q4_kernel()} kernels)")
 
 
 class BlockLinear(nn.Module):

@@ -187,21 +187,56 @@ QuantizedInput quantize_input(const float* x, int64_t M, int64_t K, int64_t Kp) 
   return q;
 }
 
+constexpr int64_t kI8Group = 16;  // per-channel int8 weight rows interleaved in one stream (geb/gemv_i8.h)
+constexpr int64_t kI8Pad = 64;  // per-channel int8 rows padded to a multiple of 64 weights
+
+// Activations quantized to int8 with one scale an input row (d = max|x| / 127, round to nearest even): xq [M, Kp]
+// (zero past K), and for the VNNI kernel xu = xq + 128 as unsigned bytes.
+struct RowQuantizedInput {
+  std::vector<int8_t> xq;
+  std::vector<uint8_t> xu;
+  std::vector<float> dx;
+};
+
+RowQuantizedInput quantize_input_rows(const float* x, int64_t M, int64_t K, int64_t Kp, bool unsigned_copy) {
+  RowQuantizedInput q{std::vector<int8_t>(M * Kp, 0), std::vector<uint8_t>(unsigned_copy ? M * Kp : 0, 128),
+                      std::vector<float>(M, 0.f)};
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; m++) {
+      const float* p_x = x + m * K;
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; k++) amax = std::max(amax, std::fabs(p_x[k]));
+      const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+      for (int64_t k = 0; k < K; k++) {
+        const int32_t v = static_cast<int32_t>(std::nearbyint(p_x[k] * id));
+        q.xq[m * Kp + k] = static_cast<int8_t>(v);
+        if (unsigned_copy) q.xu[m * Kp + k] = static_cast<uint8_t>(v + 128);
+      }
+      q.dx[m] = d;
+    }
+  });
+  return q;
+}
+
 namespace avx2 {
 constexpr int kQ8Inputs = 3;  // Q8 input rows a prompt tile: 4 x 3 accumulators + weights and inputs = 16 registers
 constexpr int kQ4Inputs = 2;  // Q4 input rows a tile: 2 x 2 halves x (int16 sums + fp32 sums) of 16 registers
+constexpr int kI8Inputs = 4;  // per-channel int8: 4 x 2 halves of int32 sums
 #include "gemv_q4.h"
 #include "gemv_q8.h"
+#include "gemv_i8.h"
 }  // namespace avx2
 
 namespace vnni {
 constexpr int kQ8Inputs = 4;  // 4 x 4 accumulators (of 32 registers); 4 x 5 and 4 x 6 were slower (40-55 vs 66 GMAC/s)
 constexpr int kQ4Inputs = 8;  // Q4: 8 x (int32 + fp32 sums) of 32 registers
+constexpr int kI8Inputs = 8;  // per-channel int8: 8 int32 sums
 #define GEB_Q4_VNNI
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 #include "gemv_q4.h"
 #include "gemv_q8.h"
+#include "gemv_i8.h"
 #pragma GCC pop_options
 #undef GEB_Q4_VNNI
 }  // namespace vnni
@@ -334,12 +369,59 @@ at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
                        in_features, qs.size(1), q8_dequantize_rows, &avx2::q8_rows, &vnni::q8_rows);
 }
 
+// geb::linear_i8: int8 weights with one fp32 scale a row (w = q * d), rows interleaved in groups of kI8Group
+// (geb/gemv_i8.h): qs [Np, Kp] int8, Np = N rounded up to 16, Kp = K to kI8Pad (zeros); scales [Np] fp32;
+// sums [Np] int32 = 128 * sum_k q_k (the VNNI kernel's correction). Activations are quantized per input row at each
+// call; prompts longer than kQ4MaxTiledInputs go through at::mm on the dequantized weight.
+at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& sums,
+                     int64_t in_features, int64_t out_features) {
+  const char* op = "geb::linear_i8";
+  const int64_t N = out_features, K = in_features, Np = (N + kI8Group - 1) / kI8Group * kI8Group;
+  TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kChar && qs.is_contiguous() && qs.size(0) == Np &&
+                  qs.size(1) % kI8Pad == 0 && K > qs.size(1) - kI8Pad && K <= qs.size(1),
+              op, ": qs must be a contiguous int8 tensor of [", Np, ", in_features ", K, " rounded up to ", kI8Pad,
+              "], got ", qs.sizes(), ", ", qs.scalar_type());
+  TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  scales.size(0) == Np, op, ": scales must be a contiguous float32 tensor of [", Np, "], got ",
+              scales.sizes(), ", ", scales.scalar_type());
+  TORCH_CHECK(sums.dim() == 1 && sums.scalar_type() == at::kInt && sums.is_contiguous() && sums.size(0) == Np,
+              op, ": sums must be a contiguous int32 tensor of [", Np, "], got ", sums.sizes(), ", ",
+              sums.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, op, ": x's last dimension must be ", K, ", got ", x.sizes());
+  TORCH_CHECK(!(at::GradMode::is_enabled() && x.requires_grad()),
+              op, " is for inference and has no backward: call it under torch.no_grad()");
+  const int64_t Kp = qs.size(1);
+  const at::Tensor x_c = x.to(at::kFloat).contiguous();
+  const int64_t M = x_c.numel() / std::max<int64_t>(K, 1);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  if (M == 0 || N == 0) return at::empty(out_shape, x_c.options()).to(x.scalar_type());
+  if (M > kQ4MaxTiledInputs) {
+    const at::Tensor w = (qs.view({Np / kI8Group, Kp / 4, kI8Group, 4}).permute({0, 2, 1, 3}).reshape({Np, Kp})
+                              .narrow(0, 0, N).narrow(1, 0, K).to(at::kFloat) *
+                          scales.narrow(0, 0, N).unsqueeze(1));
+    return at::mm(x_c.reshape({M, K}), w.t()).reshape(out_shape).to(x.scalar_type());
+  }
+  at::Tensor y = at::empty(out_shape, x_c.options());
+  const bool vnni = g_q4_vnni;
+  const RowQuantizedInput in = quantize_input_rows(x_c.data_ptr<float>(), M, K, Kp, vnni);
+  const int8_t* p_q = qs.data_ptr<int8_t>();
+  const float* p_s = scales.data_ptr<float>();
+  const int32_t* p_sums = sums.data_ptr<int32_t>();
+  float* p_y = y.data_ptr<float>();
+  at::parallel_for(0, Np / kI8Group, M > 1 ? 1 : 4, [&](int64_t begin, int64_t end) {
+    (vnni ? vnni::i8_rows : avx2::i8_rows)(p_q, p_s, p_sums, in, p_y, begin, end, M, N, Kp);
+  });
+  return y.to(x.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(geb, CPU, m) {
   m.impl("linear_f32", &linear_f32);
   m.impl("linear_q4", &linear_q4);
   m.impl("linear_q8", &linear_q8);
+  m.impl("linear_i8", &linear_i8);
 }
 
 TORCH_LIBRARY_FRAGMENT(geb, m) {
