@@ -41,7 +41,7 @@ from torch.utils import cpp_extension
 
 from geb.model import GEB
 
-METHODS = ("auto", "fbgemm", "woq")
+METHODS = ("auto", "geb", "fbgemm", "woq")
 QUANTS = ("none", "int8", "q8_0", "int4")
 
 # Packed oneDNN and FBGEMM weights, by handle: operators take tensors and scalars, not TorchScript objects or
@@ -552,9 +552,13 @@ def convert_for_cpu(model: GEB, quant: str = "none") -> str:
 
 
 def quantize_int8(model: nn.Module, method: str = "auto") -> str:
-    """Quantize every linear layer of model in place; the method used ("fbgemm" or "woq")."""
+    """Quantize every linear layer of model in place; the method used ("geb", "fbgemm" or "woq"). "auto" is geb's
+    per-channel kernel where geb/gemv.cpp builds, else FBGEMM, else weight-only int8."""
     if method not in METHODS:
         raise ValueError(f"quantization method must be one of {METHODS}, got {method!r}")
+    if method == "geb" or (method == "auto" and load_gemv()):
+        _replace_linears(model, ChannelInt8Linear)
+        return "geb"
     if method in ("auto", "fbgemm"):
         try:
             _replace_linears(model, DynamicInt8Linear)
