@@ -28,7 +28,7 @@ import torch
 from geb.chat import encode_prompt as encode_chat_prompt
 from geb.checkpoint import CheckpointError, list_checkpoints, load_model
 from geb.config import PRESETS, preset
-from geb.cpu_linear import QUANTS, convert_for_cpu, load_gemv
+from geb.cpu_linear import QUANTS, convert_for_cpu, int8_method
 from geb.generate import Decoder, GenerationStats, fit_prompt
 from geb.model import GEB
 from geb.tokenizer import Tokenizer
@@ -103,8 +103,8 @@ def load_converted(source: Path, quant: str, use_cache: bool) -> tuple[GEB, Path
     """The model of source with its linear layers converted for --quant, and its tokenizer path: from the start-up
     cache (geb.weights_cache) when it holds this checkpoint, else loaded, converted and cached; also where it came
     from ("cache", "converted, cached" or "converted")."""
-    # FBGEMM's packed weights (--quant int8 where geb's kernel does not build) cannot be saved: converted each start.
-    cacheable = use_cache and (quant != "int8" or load_gemv())
+    # FBGEMM's packed weights (--quant int8 without geb's AVX-512 VNNI kernel) cannot be saved: converted each start.
+    cacheable = use_cache and (quant != "int8" or int8_method() == "geb")
     ckpt = checkpoint_file(source) if cacheable else None
     if ckpt is not None and (cached := load_cached(ckpt, quant)) is not None:
         model, tokenizer_path = cached
@@ -261,7 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     p.add_argument("--quant", choices=QUANTS, default="none",
                    help="weights of every linear layer: none = fp32 (geb AVX2 kernel), int8 = int8 with a scale "
-                   "per row (geb's kernel; FBGEMM where it cannot build), q8_0 = Q8_0 and int4 = Q4_0 (geb AVX-512 "
+                   "per row (geb's AVX-512 VNNI kernel, else FBGEMM), q8_0 = Q8_0 and int4 = Q4_0 (geb AVX-512 "
                    "VNNI or AVX2 kernels)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
     p.add_argument("--no-cache", action="store_true",

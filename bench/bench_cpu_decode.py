@@ -13,10 +13,11 @@ round); each row is the median over the rounds, with every round and the load av
     GEB_BENCH_PRESET=geb-1.3b GEB_BENCH_TOKENS=32 GEB_BENCH_COMPILE=1 GEB_BENCH_ROUNDS=5 GEB_BENCH_HF=0 \
         pytest bench/bench_cpu_decode.py -s                              # ~25 min
 
-GEB_BENCH_QUANTS picks precisions (default fp32,int8,int4); GEB_BENCH_INT8 geb's int8 engines (default int8,fbgemm:
-geb's per-channel int8 kernel and FBGEMM's; q8_0 adds geb's Q8_0 kernel); GEB_BENCH_PREFILL the prompt lengths (default 16,128,512, those that fit the preset's
-context). test_cpu_startup times `python infer_cpu.py` to its first printed token, cold
-(empty geb cache) and warm, beside `import torch` alone and llama.cpp loading the GGUF of the same weights.
+GEB_BENCH_QUANTS picks precisions (default fp32,int8,int4); GEB_BENCH_INT8 geb's int8 engines (default
+int8,fbgemm: what --quant int8 runs here and FBGEMM's; q8_0 adds geb's Q8_0 kernel); GEB_BENCH_PREFILL the prompt
+lengths (default 16,128,512, those that fit the preset's context). test_cpu_startup times `python infer_cpu.py` to its
+first printed token, cold (empty geb cache) and warm, beside `import torch` alone and llama.cpp loading the GGUF of
+the same weights.
 The geb-1.3b run needs ~19 GB of memory (three fp32 copies, one per engine) and ~13 GB of temporary disk.
 For geb alone, `python infer_cpu.py --bench [--quant int8|int4] [--compile]` prints the same figures as one JSON line.
 """

@@ -551,12 +551,18 @@ def convert_for_cpu(model: GEB, quant: str = "none") -> str:
     return pack_fp32(model)
 
 
+def int8_method() -> str:
+    """What --quant int8 runs here: "geb" (geb's per-channel kernel) where geb/gemv.cpp runs its AVX-512 VNNI
+    kernels, else "fbgemm". On AVX2 alone FBGEMM decodes as fast and prefills ~3x faster (BENCHMARKS.md)."""
+    return "geb" if load_gemv() and use_q4_kernel() == "vnni" else "fbgemm"
+
+
 def quantize_int8(model: nn.Module, method: str = "auto") -> str:
-    """Quantize every linear layer of model in place; the method used ("geb", "fbgemm" or "woq"). "auto" is geb's
-    per-channel kernel where geb/gemv.cpp builds, else FBGEMM, else weight-only int8."""
+    """Quantize every linear layer of model in place; the method used ("geb", "fbgemm" or "woq"). "auto" is
+    `int8_method()`, falling back to weight-only int8 where FBGEMM is missing."""
     if method not in METHODS:
         raise ValueError(f"quantization method must be one of {METHODS}, got {method!r}")
-    if method == "geb" or (method == "auto" and load_gemv()):
+    if method == "geb" or (method == "auto" and int8_method() == "geb"):
         _replace_linears(model, ChannelInt8Linear)
         return "geb"
     if method in ("auto", "fbgemm"):

@@ -22,6 +22,7 @@ from geb.cpu_linear import (
     dequantize_int8_rows,
     dequantize_q4_0,
     dequantize_q8_0,
+    int8_method,
     load_gemv,
     q4_kernels,
     quantize_int8,
@@ -50,7 +51,7 @@ def test_int8_logits_close_to_fp32(tiny_model, tokenizer, method):
         ref, _ = model(idx)
         q = copy.deepcopy(model)
         if method == "fused":  # what infer_cpu.py --quant int8 runs: geb's kernel where it builds
-            want = "geb" if load_gemv() else "fbgemm"
+            want = int8_method()
             assert convert_for_cpu(q, "int8") == want and q.layers[0].mlp.gate_up_proj is not None
         else:
             assert quantize_int8(q, method) == method

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from geb.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from geb.cpu_linear import load_gemv
+from geb.cpu_linear import int8_method, load_gemv
 from geb.weights_cache import WEIGHTS_FILE, checkpoint_file, entry_dir, load_cached
 from infer_cpu import load_converted
 
@@ -33,15 +33,17 @@ def test_second_start_maps_the_cache(run, tokenizer, quant):
     if not load_gemv():
         pytest.skip("the fp32 and int4 formats need geb/gemv.cpp built (AVX2, a C++ compiler)")
     ids = tokenizer.encode("When shall we three meet again")
+    if quant == "int8" and int8_method() != "geb":  # FBGEMM's packed weights are not cached: converted each start
+        assert [load_converted(run, quant, use_cache=True)[2] for _ in range(2)] == ["converted", "converted"]
+        return
     first, tok1, origin1 = load_converted(run, quant, use_cache=True)
     second, tok2, origin2 = load_converted(run, quant, use_cache=True)
     assert (origin1, origin2) == ("converted, cached", "cache") and tok1 == tok2 == run / "tokenizer.model"
     assert torch.equal(logits(first, ids), logits(second, ids))
     uncached, _, origin = load_converted(run, quant, use_cache=False)
     assert origin == "converted" and torch.equal(logits(uncached, ids), logits(second, ids))
-    if quant != "int8":  # int8's FBGEMM weights are packed again from the mapped fp32 ones
-        mapped = second.lm_head.qs if quant in ("int4", "q8_0") else second.layers[0].mlp.down_proj.weight
-        assert is_mapped_from(mapped, entry_dir(checkpoint_file(run), quant) / WEIGHTS_FILE)
+    mapped = second.layers[0].mlp.down_proj.weight if quant == "none" else second.lm_head.qs
+    assert is_mapped_from(mapped, entry_dir(checkpoint_file(run), quant) / WEIGHTS_FILE)
 
 
 def is_mapped_from(t: torch.Tensor, path) -> bool:
@@ -58,8 +60,10 @@ def is_mapped_from(t: torch.Tensor, path) -> bool:
 
 
 def test_stale_entries_are_rebuilt(run, tokenizer):
+    if not load_gemv():
+        pytest.skip("the int4 format needs geb/gemv.cpp built (AVX2, a C++ compiler)")
     ids = tokenizer.encode("Thunder and lightning")
-    _, _, origin = load_converted(run, "int8", use_cache=True)
+    _, _, origin = load_converted(run, "int4", use_cache=True)
     assert origin == "converted, cached"
     ckpt = checkpoint_file(run)
     assert ckpt == list_checkpoints(run)[-1].resolve()
@@ -68,18 +72,18 @@ def test_stale_entries_are_rebuilt(run, tokenizer):
     state["model"] = {k: v * 1.5 if v.dim() == 2 else v for k, v in state["model"].items()}
     save_checkpoint(run, state["step"], state)
     os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 1))  # a distinct mtime on any file system
-    assert load_cached(ckpt, "int8") is None
-    model, _, origin = load_converted(run, "int8", use_cache=True)
-    fresh, _, _ = load_converted(run, "int8", use_cache=False)
+    assert load_cached(ckpt, "int4") is None
+    model, _, origin = load_converted(run, "int4", use_cache=True)
+    fresh, _, _ = load_converted(run, "int4", use_cache=False)
     assert origin == "converted, cached" and torch.equal(logits(model, ids), logits(fresh, ids))
-    assert load_converted(run, "int8", use_cache=True)[2] == "cache"
+    assert load_converted(run, "int4", use_cache=True)[2] == "cache"
     # A replaced tokenizer invalidates the entry too (it was checked against the checkpoint's sha256).
     tok = run / "tokenizer.model"
     tok.write_bytes(tok.read_bytes())
     os.utime(tok, ns=(tok.stat().st_atime_ns, tok.stat().st_mtime_ns + 10**9))
-    assert load_cached(ckpt, "int8") is None
-    assert load_converted(run, "int8", use_cache=True)[2] == "converted, cached"
+    assert load_cached(ckpt, "int4") is None
+    assert load_converted(run, "int4", use_cache=True)[2] == "converted, cached"
     # A damaged weights file is never used.
-    (entry_dir(ckpt, "int8") / WEIGHTS_FILE).write_bytes(b"not a torch file")
-    assert load_cached(ckpt, "int8") is None
-    assert load_converted(run, "int8", use_cache=True)[2] == "converted, cached"
+    (entry_dir(ckpt, "int4") / WEIGHTS_FILE).write_bytes(b"not a torch file")
+    assert load_cached(ckpt, "int4") is None
+    assert load_converted(run, "int4", use_cache=True)[2] == "converted, cached"
