@@ -188,8 +188,8 @@ def _onednn_plain_linear() -> bool:
 
 
 class F32Linear(nn.Module):
-    """fp32 linear on geb's AVX2 kernels (geb/gemv.cpp) up to MAX_ROWS input rows, on oneDNN's GEMM beyond (where
-    available); the weight as it is."""
+    """fp32 linear on geb's kernels (geb/gemv.cpp; AVX-512 or AVX2) up to MAX_ROWS input rows, on oneDNN's GEMM
+    beyond (where available); the weight as it is."""
 
     MAX_ROWS = 48  # a geb-1.3b prefill of 48 tokens was as fast as with oneDNN, 64 slower (BENCHMARKS.md)
 
@@ -209,7 +209,7 @@ class F32Linear(nn.Module):
         return torch.ops.geb.linear_f32(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp32 (geb AVX2 kernels)"
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp32 (geb kernels)"
 
 
 class PackedLinear(nn.Module):

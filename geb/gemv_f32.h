@@ -1,8 +1,8 @@
 // The fp32 kernels of geb/gemv.cpp, included there twice as geb/gemv_q4.h is: for AVX2 (8-float vectors, 16
 // registers) and, compiled for AVX-512 by a target pragma around the include (GEB_Q4_VNNI defined), with 16-float
 // vectors and 32 registers. The includer sets the shapes: kF32Rows weight rows a one-token step with kF32Accs
-// accumulators each, kF32Prefetch floats of software prefetch ahead (0: none), and prompt tiles of kF32TileRows weight
-// rows by kF32TileInputs input rows. Inside a namespace of its own.
+// accumulators each, software prefetch kF32PrefetchGroups groups of rows ahead (0: none), and prompt tiles of
+// kF32TileRows weight rows by kF32TileInputs input rows. Inside a namespace of its own.
 
 #ifdef GEB_Q4_VNNI
 using f32_vec = __m512;
@@ -40,12 +40,14 @@ void f32_gemv_group(const float* w, const float* x, float* y, int64_t n, int64_t
     for (int a = 0; a < A; a++) b_acc[r][a] = f32_zero();
   int64_t k = 0;
   for (; k + A * kF32Lanes <= K; k += A * kF32Lanes) {
-    if constexpr (kF32Prefetch > 0) {
-      // kF32Prefetch floats further on (rows are contiguous: into the next rows), into L2: the hardware prefetchers
-      // stop at 4 KiB pages, which one row (8 KiB at K = 2048) crosses twice; one line a 64 bytes read.
+    if constexpr (kF32PrefetchGroups > 0) {
+      // The rows kF32PrefetchGroups groups ahead, into L2, a line for each line read: the hardware prefetchers stop
+      // at 4 KiB pages, which each row (8 KiB at K = 2048) crosses. Past the last row it prefetches nothing useful,
+      // and a prefetch never faults.
       for (int r = 0; r < R; r++)
         for (int a = 0; a < A; a++)
-          _mm_prefetch(reinterpret_cast<const char*>(p_w + r * K + k + kF32Prefetch + a * kF32Lanes), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(p_w + (kF32PrefetchGroups * R + r) * K + k + a * kF32Lanes),
+                       _MM_HINT_T1);
     }
     f32_vec b_x[A];  // each load of x serves R rows
     for (int a = 0; a < A; a++) b_x[a] = f32_load(x + k + a * kF32Lanes);

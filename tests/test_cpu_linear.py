@@ -1,5 +1,6 @@
 """geb.cpu_linear and geb/gemv.cpp: int8 stays close to fp32, the fp32 formats equal plain fp32 up to summation
-order, geb's AVX2 kernel against fp64 on odd shapes, long prompts on oneDNN, a stale build lock is removed."""
+order, geb's fp32 kernels (AVX2 and AVX-512) against fp64 on odd shapes, long prompts on oneDNN, a stale build lock
+is removed."""
 
 import copy
 import os
