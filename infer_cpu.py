@@ -28,7 +28,7 @@ import torch
 from geb.chat import encode_prompt as encode_chat_prompt
 from geb.checkpoint import CheckpointError, list_checkpoints, load_model
 from geb.config import PRESETS, preset
-from geb.cpu_linear import QUANTS, convert_for_cpu, quantize_int8
+from geb.cpu_linear import QUANTS, convert_for_cpu, load_gemv
 from geb.generate import Decoder, GenerationStats, fit_prompt
 from geb.model import GEB
 from geb.tokenizer import Tokenizer
@@ -103,28 +103,22 @@ def load_converted(source: Path, quant: str, use_cache: bool) -> tuple[GEB, Path
     """The model of source with its linear layers converted for --quant, and its tokenizer path: from the start-up
     cache (geb.weights_cache) when it holds this checkpoint, else loaded, converted and cached; also where it came
     from ("cache", "converted, cached" or "converted")."""
-    ckpt = checkpoint_file(source) if use_cache else None
+    # FBGEMM's packed weights (--quant int8 where geb's kernel does not build) cannot be saved: converted each start.
+    cacheable = use_cache and (quant != "int8" or load_gemv())
+    ckpt = checkpoint_file(source) if cacheable else None
     if ckpt is not None and (cached := load_cached(ckpt, quant)) is not None:
         model, tokenizer_path = cached
-        if quant == "int8":  # the entry holds the fused fp32 weights; FBGEMM packs them again
-            quantize_int8(model)
         return model, tokenizer_path, "cache"
     model, tokenizer_path = load_model(source)
+    convert_for_cpu(model, quant)
     if ckpt is None:
-        convert_for_cpu(model, quant)
         return model, tokenizer_path, "converted"
-    if quant == "int8":
-        model.fuse_projections()  # cached as fused fp32 nn.Linear weights, quantized below
-    else:
-        convert_for_cpu(model, quant)
     try:
         save_cached(ckpt, quant, model, tokenizer_path)
         origin = "converted, cached"
     except OSError as e:  # a full or read-only cache dir costs the next start time, not this one its output
         print(f"warning: could not cache the converted weights ({e})", file=sys.stderr)
         origin = "converted"
-    if quant == "int8":
-        quantize_int8(model)
     return model, tokenizer_path, origin
 
 
@@ -266,8 +260,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     p.add_argument("--quant", choices=QUANTS, default="none",
-                   help="weights of every linear layer: none = fp32 (geb AVX2 kernel), int8 = dynamic int8 "
-                   "(FBGEMM), q8_0 = Q8_0 and int4 = Q4_0 (geb AVX-512 VNNI or AVX2 kernels)")
+                   help="weights of every linear layer: none = fp32 (geb AVX2 kernel), int8 = int8 with a scale "
+                   "per row (geb's kernel; FBGEMM where it cannot build), q8_0 = Q8_0 and int4 = Q4_0 (geb AVX-512 "
+                   "VNNI or AVX2 kernels)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
     p.add_argument("--no-cache", action="store_true",
                    help="neither use nor write the converted weights in geb's cache dir (GEB_CACHE)")

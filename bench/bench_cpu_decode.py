@@ -13,8 +13,8 @@ round); each row is the median over the rounds, with every round and the load av
     GEB_BENCH_PRESET=geb-1.3b GEB_BENCH_TOKENS=32 GEB_BENCH_COMPILE=1 GEB_BENCH_ROUNDS=5 GEB_BENCH_HF=0 \
         pytest bench/bench_cpu_decode.py -s                              # ~25 min
 
-GEB_BENCH_QUANTS picks precisions (default fp32,int8,int4); GEB_BENCH_INT8 geb's int8 engines (default int8,q8_0:
-FBGEMM and geb's Q8_0 kernel); GEB_BENCH_PREFILL the prompt lengths (default 16,128,512, those that fit the preset's
+GEB_BENCH_QUANTS picks precisions (default fp32,int8,int4); GEB_BENCH_INT8 geb's int8 engines (default int8,fbgemm:
+geb's per-channel int8 kernel and FBGEMM's; q8_0 adds geb's Q8_0 kernel); GEB_BENCH_PREFILL the prompt lengths (default 16,128,512, those that fit the preset's
 context). test_cpu_startup times `python infer_cpu.py` to its first printed token, cold
 (empty geb cache) and warm, beside `import torch` alone and llama.cpp loading the GGUF of the same weights.
 The geb-1.3b run needs ~19 GB of memory (three fp32 copies, one per engine) and ~13 GB of temporary disk.
@@ -37,7 +37,7 @@ import torch
 
 import infer_cpu
 from geb.checkpoint import save_checkpoint
-from geb.cpu_linear import use_q4_kernel
+from geb.cpu_linear import quantize_int8, use_q4_kernel
 from geb.files import file_sha256
 from geb.generate import Decoder, GenerationStats
 from geb.gguf import export_gguf
@@ -54,8 +54,8 @@ WITH_HF = os.environ.get("GEB_BENCH_HF", "1") == "1"
 PROMPT_TOKENS = 16
 GGUF_TYPE = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
 GEB_QUANT = {"fp32": "none", "int8": "int8", "int4": "int4"}
-# geb's engines per precision: int8 is FBGEMM's per-channel int8 and Q8_0 on geb's kernels (GEB_BENCH_INT8 picks).
-GEB_QUANTS = {"fp32": ["none"], "int8": os.environ.get("GEB_BENCH_INT8", "int8,q8_0").split(","), "int4": ["int4"]}
+# geb's engines per precision: int8 is geb's per-channel int8, FBGEMM's, and Q8_0 on geb's kernels (GEB_BENCH_INT8).
+GEB_QUANTS = {"fp32": ["none"], "int8": os.environ.get("GEB_BENCH_INT8", "int8,fbgemm").split(","), "int4": ["int4"]}
 
 Decode = Callable[[], tuple[float, list[int]]]  # one greedy decode of the prompt: (decode tokens/s, new tokens)
 Prefill = Callable[[list[int]], float]  # one prompt evaluated from an empty cache: tokens/s
@@ -171,10 +171,12 @@ def print_tables(rows: dict, prompt_lengths: list[int], threads: int) -> None:
 
 
 def geb_label(fmt: str) -> str:
-    isa = {"avx2": "AVX2", "vnni": "AVX-512 VNNI"}.get(use_q4_kernel(), "?") if fmt in ("gemv", "q4_0", "q8_0") else ""
+    isa = {"avx2": "AVX2", "vnni": "AVX-512 VNNI"}.get(use_q4_kernel(), "?") if fmt in ("gemv", "q4_0", "q8_0", "geb") \
+        else ""
     labels = {"gemv": f"fp32 (fused, geb {isa.removesuffix(' VNNI')} kernel)", "onednn": "fp32 (fused, oneDNN-packed)",
               "plain": "fp32 (fused, MKL)", "q4_0": f"int4 (fused, Q4_0, geb {isa} kernel)",
-              "q8_0": f"int8 (fused, Q8_0, geb {isa} kernel)"}
+              "q8_0": f"int8 (fused, Q8_0, geb {isa} kernel)", "geb": f"int8 (fused, per-channel, geb {isa} kernel)",
+              "fbgemm": "int8 (fused, FBGEMM per-channel)"}
     return labels.get(fmt, f"int8 (fused, {fmt})")
 
 
@@ -216,7 +218,12 @@ def test_cpu_decode_side_by_side(tmp_path):
                 if model is None:  # an earlier engine converted it: the same weights again
                     gc.collect()
                     model = load_hf(hf_dir, impl="torch").eval()
-                decoder, fmt, _ = infer_cpu.make_decoder(model, quant, COMPILE, cache_len, None)
+                if quant == "fbgemm":  # --quant int8 where geb's kernel does not build
+                    model.fuse_projections()
+                    fmt = quantize_int8(model, "fbgemm")
+                    decoder = Decoder(model, max_seq_len=cache_len, compile=COMPILE)
+                else:
+                    decoder, fmt, _ = infer_cpu.make_decoder(model, quant, COMPILE, cache_len, None)
                 engines[(geb_kind, geb_label(fmt))] = geb_engine(decoder, prompt, TOKENS)
                 decoders.append(decoder)
                 model = None

@@ -42,7 +42,7 @@ from torch.utils import cpp_extension
 
 from geb.model import GEB
 
-METHODS = ("auto", "fbgemm", "woq")
+METHODS = ("auto", "geb", "fbgemm", "woq")
 QUANTS = ("none", "int8", "q8_0", "int4")
 
 # Packed oneDNN and FBGEMM weights, by handle: operators take tensors and scalars, not TorchScript objects or
@@ -57,8 +57,9 @@ _LIB = torch.library.Library("geb", "FRAGMENT")
 _LIB.define("linear_int8_dynamic(Tensor x, int handle, int out_features) -> Tensor")
 _LIB.define("linear_onednn(Tensor x, int handle, int out_features) -> Tensor")
 _LIB.define("linear_f32(Tensor x, Tensor weight, Tensor? bias) -> Tensor")  # CPU kernel: geb/gemv.cpp
-_LIB.define("linear_q4(Tensor x, Tensor qs, Tensor scales, int in_features) -> Tensor")  # CPU kernel: geb/gemv.cpp
+_LIB.define("linear_q4(Tensor x, Tensor qs, Tensor scales, int in_features, int out_features) -> Tensor")  # gemv.cpp
 _LIB.define("linear_q8(Tensor x, Tensor qs, Tensor scales, int in_features) -> Tensor")  # CPU kernel: geb/gemv.cpp
+_LIB.define("linear_i8(Tensor x, Tensor qs, Tensor scales, Tensor sums, int in_features, int out_features) -> Tensor")
 
 
 def _linear_int8_dynamic(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
@@ -86,13 +87,20 @@ def _linear_f32_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 @torch.library.register_fake("geb::linear_q4", lib=_LIB)
-def _linear_q4_fake(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], qs.shape[0])
+def _linear_q4_fake(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, in_features: int,
+                    out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 @torch.library.register_fake("geb::linear_q8", lib=_LIB)
 def _linear_q8_fake(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], qs.shape[0])
+
+
+@torch.library.register_fake("geb::linear_i8", lib=_LIB)
+def _linear_i8_fake(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, sums: torch.Tensor, in_features: int,
+                    out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 def _build_directory(name: str) -> Path | None:
@@ -119,8 +127,8 @@ def _clear_stale_build_lock(build_dir: Path, max_age_s: float = 600.0) -> None:
 
 @functools.cache
 def load_gemv() -> bool:
-    """Build (first call; torch caches the build by source) and load geb's CPU kernels (geb/gemv.cpp: fp32, Q4_0 and
-    Q8_0; AVX2 and AVX-512); False, with a warning if the build failed, where it cannot run."""
+    """Build (first call; torch caches the build by source) and load geb's CPU kernels (geb/gemv.cpp: fp32, Q4_0, Q8_0
+    and int8; AVX2 and AVX-512); False, with a warning if the build failed, where it cannot run."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return False
     source = Path(__file__).with_name("gemv.cpp")
@@ -131,7 +139,7 @@ def load_gemv() -> bool:
             print(f"[geb.cpu_linear] building {source.name} into {build_dir} (first use only, ~30 s)", file=sys.stderr,
                   flush=True)
     # torch hashes the listed sources only: the included headers' hash goes into the flags so a change rebuilds.
-    headers = ("gemv_f32.h", "gemv_q4.h", "gemv_q8.h")
+    headers = ("gemv_f32.h", "gemv_q4.h", "gemv_q8.h", "gemv_i8.h")
     header = hashlib.sha256(b"".join(source.with_name(h).read_bytes() for h in headers))
     header = header.hexdigest()[:16]
     try:
@@ -273,31 +281,38 @@ class Int8Linear(nn.Module):
 
 
 Q4_BLOCK = 32  # weights per Q4_0 block (one fp16 scale each)
-Q4_PAD = 256  # geb/gemv.cpp reads a row's scales eight blocks at a time: rows padded to a multiple of 256
+Q4_PAD = 256  # geb/gemv.cpp's rows are padded to a multiple of 256 weights
+Q4_GROUP = 16  # Q4_0 rows interleaved in one stream by geb/gemv.cpp (kQ4Group); out_features padded to a multiple
 Q4_MAX_TILED_ROWS = 1024  # geb/gemv.cpp's kQ4MaxTiledInputs: longer inputs go through fp32 GEMM on dequantized rows
 
 
 def quantize_q4_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows of w (N, K) as ggml's Q4_0 in geb/gemv.cpp's layout: (qs uint8 (N, Kp / 2), scales fp16 (N, Kp / 32)),
-    Kp = K rounded up to Q4_PAD with zeros. The values are those of gguf.quants.quantize(w, Q4_0)."""
+    """The rows of w (N, K) as ggml's Q4_0 in geb/gemv.cpp's layout: (qs uint8 (Np, Kp / 2), scales fp16 (Np, Kp / 32)),
+    Np = N rounded up to Q4_GROUP and Kp = K to Q4_PAD, with zeros. The values are those of
+    gguf.quants.quantize(w, Q4_0); each group of Q4_GROUP rows is interleaved (geb/gemv.cpp says how)."""
     n, k = w.shape
-    kp = -(-k // Q4_PAD) * Q4_PAD
-    blocks = torch.nn.functional.pad(w.detach().float(), (0, kp - k)).reshape(n, kp // Q4_BLOCK, Q4_BLOCK)
+    kp, n_pad = -(-k // Q4_PAD) * Q4_PAD, -(-n // Q4_GROUP) * Q4_GROUP
+    blocks = torch.nn.functional.pad(w.detach().float(), (0, kp - k, 0, n_pad - n))
+    blocks = blocks.reshape(n_pad, kp // Q4_BLOCK, Q4_BLOCK)
     # ggml's quantize_row_q4_0_ref: d = the block's value of largest magnitude / -8, q = trunc(x / d + 8.5) in 0..15.
     imax = blocks.abs().argmax(dim=-1, keepdim=True)
     d = blocks.gather(-1, imax) / -8
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    q = torch.trunc(blocks * inv + 8.5).clamp_(0, 15).to(torch.uint8).reshape(n, kp // 64, 2, 32)
-    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, kp // 2)  # byte j of a 64-weight chunk: weights j and j + 32
-    return qs.contiguous(), d.squeeze(-1).to(torch.float16).contiguous()
+    q = torch.trunc(blocks * inv + 8.5).clamp_(0, 15).to(torch.uint8)
+    ggml = q[..., :16] | (q[..., 16:] << 4)  # (Np, blocks, 16): ggml's bytes, byte j = weights j and j + 16
+    # (groups, 16 rows, blocks, 4 t, 4 bytes) -> (groups, blocks, t, rows, bytes): 64 bytes = one byte quad a row.
+    qs = ggml.reshape(n_pad // Q4_GROUP, Q4_GROUP, kp // Q4_BLOCK, 4, 4).permute(0, 2, 3, 1, 4).reshape(n_pad, kp // 2)
+    scales = d.squeeze(-1).to(torch.float16).reshape(n_pad // Q4_GROUP, Q4_GROUP, -1).transpose(1, 2)
+    return qs.contiguous(), scales.reshape(n_pad, kp // Q4_BLOCK).contiguous()
 
 
-def dequantize_q4_0(qs: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The fp32 weight (N, in_features) that quantize_q4_0's output stands for: (q - 8) * d."""
-    n = qs.shape[0]
-    chunks = qs.reshape(n, -1, 1, 32)
-    q = torch.cat([chunks & 0x0F, chunks >> 4], dim=2).reshape(n, -1, Q4_BLOCK).float() - 8
-    return (q * scales.float()[..., None]).reshape(n, -1)[:, :in_features]
+def dequantize_q4_0(qs: torch.Tensor, scales: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    """The fp32 weight (out_features, in_features) that quantize_q4_0's output stands for: (q - 8) * d."""
+    n_pad, nb = scales.shape
+    ggml = qs.reshape(n_pad // Q4_GROUP, nb, 4, Q4_GROUP, 4).permute(0, 3, 1, 2, 4).reshape(n_pad, nb, 16)
+    q = torch.cat([ggml & 0x0F, ggml >> 4], dim=-1).float() - 8
+    d = scales.reshape(n_pad // Q4_GROUP, nb, Q4_GROUP).transpose(1, 2).reshape(n_pad, nb, 1).float()
+    return (q * d).reshape(n_pad, -1)[:out_features, :in_features]
 
 
 def quantize_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,10 +329,82 @@ def quantize_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.reshape(n, kp).contiguous(), d.squeeze(-1).to(torch.float16).contiguous()
 
 
-def dequantize_q8_0(qs: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The fp32 weight (N, in_features) that quantize_q8_0's output stands for: q * d."""
+def dequantize_q8_0(qs: torch.Tensor, scales: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    """The fp32 weight (out_features, in_features) that quantize_q8_0's output stands for: q * d."""
     n = qs.shape[0]
-    return (qs.reshape(n, -1, Q4_BLOCK).float() * scales.float()[..., None]).reshape(n, -1)[:, :in_features]
+    return (qs.reshape(n, -1, Q4_BLOCK).float() * scales.float()[..., None]).reshape(n, -1)[:out_features, :in_features]
+
+
+I8_GROUP = 16  # per-channel int8 rows interleaved in one stream by geb/gemv.cpp (kI8Group)
+I8_PAD = 64  # geb/gemv.cpp's per-channel int8 rows are padded to a multiple of 64 weights (kI8Pad)
+
+
+def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows of w (N, K) as int8 with one scale a row (d = max|w| / 127, q = round(w / d)) in geb/gemv.cpp's
+    layout: (qs int8 (Np, Kp), scales fp32 (Np,), sums int32 (Np,) = 128 * sum(q) a row), Np = N rounded up to
+    I8_GROUP and Kp = K to I8_PAD, with zeros; each group of I8_GROUP rows interleaved four columns at a time."""
+    n, k = w.shape
+    kp, n_pad = -(-k // I8_PAD) * I8_PAD, -(-n // I8_GROUP) * I8_GROUP
+    wp = torch.nn.functional.pad(w.detach().float(), (0, kp - k, 0, n_pad - n))
+    d = wp.abs().amax(dim=1) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.round(wp * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+    sums = 128 * q.sum(dim=1, dtype=torch.int32)
+    qs = q.reshape(n_pad // I8_GROUP, I8_GROUP, kp // 4, 4).permute(0, 2, 1, 3).reshape(n_pad, kp)
+    return qs.contiguous(), d.contiguous(), sums.to(torch.int32).contiguous()
+
+
+def dequantize_int8_rows(qs: torch.Tensor, scales: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    """The fp32 weight (out_features, in_features) that quantize_int8_rows's output stands for: q * d."""
+    n_pad, kp = qs.shape
+    q = qs.reshape(n_pad // I8_GROUP, kp // 4, I8_GROUP, 4).permute(0, 2, 1, 3).reshape(n_pad, kp)
+    return (q.float() * scales[:, None])[:out_features, :in_features]
+
+
+class ChannelInt8Linear(nn.Module):
+    """8-bit linear on geb's kernel: int8 weights with one scale a row (`quantize_int8_rows`), activations quantized
+    to int8 per input row at each call, whole rows summed in int32."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self._require_gemv()
+        qs, scales, sums = quantize_int8_rows(linear.weight)
+        self._set(linear, qs, scales, sums, None if linear.bias is None else linear.bias.detach().float())
+
+    @classmethod
+    def empty_like(cls, linear: nn.Linear) -> "ChannelInt8Linear":
+        """A layer of linear's shape with uninitialized weights (on linear's device), to load a state dict."""
+        cls._require_gemv()
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        kp = -(-linear.in_features // I8_PAD) * I8_PAD
+        rows = -(-linear.out_features // I8_GROUP) * I8_GROUP
+        device = linear.weight.device
+        self._set(linear, torch.empty(rows, kp, dtype=torch.int8, device=device),
+                  torch.empty(rows, device=device), torch.empty(rows, dtype=torch.int32, device=device),
+                  None if linear.bias is None else torch.empty_like(linear.bias))
+        return self
+
+    @classmethod
+    def _require_gemv(cls) -> None:
+        if not load_gemv():
+            raise RuntimeError(f"{cls.__name__} needs geb/gemv.cpp built: an AVX2 CPU, a C++ compiler and ninja")
+
+    def _set(self, linear: nn.Linear, qs: torch.Tensor, scales: torch.Tensor, sums: torch.Tensor,
+             bias: torch.Tensor | None) -> None:
+        self.register_buffer("qs", qs)
+        self.register_buffer("scales", scales)
+        self.register_buffer("sums", sums)
+        self.register_buffer("bias", bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.geb.linear_i8(x, self.qs, self.scales, self.sums, self.in_features, self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel (geb "
+                f"{use_q4_kernel()} kernels)")
 
 
 class BlockLinear(nn.Module):
@@ -328,6 +415,7 @@ class BlockLinear(nn.Module):
     FORMAT: str
     QS_BYTES_PER_WEIGHT: float
     QS_DTYPE: torch.dtype
+    ROW_MULTIPLE: int  # qs and scales hold out_features rounded up to this
 
     @staticmethod
     def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,9 +439,10 @@ class BlockLinear(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         kp = -(-linear.in_features // Q4_PAD) * Q4_PAD
+        rows = -(-linear.out_features // cls.ROW_MULTIPLE) * cls.ROW_MULTIPLE
         device = linear.weight.device
-        qs = torch.empty(linear.out_features, int(kp * cls.QS_BYTES_PER_WEIGHT), dtype=cls.QS_DTYPE, device=device)
-        scales = torch.empty(linear.out_features, kp // Q4_BLOCK, dtype=torch.float16, device=device)
+        qs = torch.empty(rows, int(kp * cls.QS_BYTES_PER_WEIGHT), dtype=cls.QS_DTYPE, device=device)
+        scales = torch.empty(rows, kp // Q4_BLOCK, dtype=torch.float16, device=device)
         self._set(linear, qs, scales, None if linear.bias is None else torch.empty_like(linear.bias))
         return self
 
@@ -378,19 +467,19 @@ class BlockLinear(nn.Module):
 
 
 class Int4Linear(BlockLinear):
-    """4-bit linear: Q4_0 weights (two per qs byte)."""
+    """4-bit linear: Q4_0 weights (two per qs byte), rows interleaved in groups of Q4_GROUP."""
 
-    FORMAT, QS_BYTES_PER_WEIGHT, QS_DTYPE = "Q4_0", 0.5, torch.uint8
+    FORMAT, QS_BYTES_PER_WEIGHT, QS_DTYPE, ROW_MULTIPLE = "Q4_0", 0.5, torch.uint8, Q4_GROUP
     quantize = staticmethod(quantize_q4_0)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.geb.linear_q4(x, self.qs, self.scales, self.in_features)
+        return torch.ops.geb.linear_q4(x, self.qs, self.scales, self.in_features, self.out_features)
 
 
 class Q8Linear(BlockLinear):
     """8-bit linear: Q8_0 weights."""
 
-    FORMAT, QS_BYTES_PER_WEIGHT, QS_DTYPE = "Q8_0", 1.0, torch.int8
+    FORMAT, QS_BYTES_PER_WEIGHT, QS_DTYPE, ROW_MULTIPLE = "Q8_0", 1.0, torch.int8, 1
     quantize = staticmethod(quantize_q8_0)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
@@ -465,9 +554,13 @@ def convert_for_cpu(model: GEB, quant: str = "none") -> str:
 
 
 def quantize_int8(model: nn.Module, method: str = "auto") -> str:
-    """Quantize every linear layer of model in place; the method used ("fbgemm" or "woq")."""
+    """Quantize every linear layer of model in place; the method used ("geb", "fbgemm" or "woq"). "auto" is geb's
+    per-channel kernel where geb/gemv.cpp builds, else FBGEMM, else weight-only int8."""
     if method not in METHODS:
         raise ValueError(f"quantization method must be one of {METHODS}, got {method!r}")
+    if method == "geb" or (method == "auto" and load_gemv()):
+        _replace_linears(model, ChannelInt8Linear)
+        return "geb"
     if method in ("auto", "fbgemm"):
         try:
             _replace_linears(model, DynamicInt8Linear)

@@ -40,8 +40,10 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_hadd_ps(s, s));
 }
 
-constexpr int64_t kQ4Rows = 4;  // weight rows a tile: each activation block loaded serves four of them
-constexpr int64_t kQ4PrefetchGroups = 4;  // how far ahead (in groups of kQ4Rows rows) q4_tile prefetches
+constexpr int64_t kQ4Group = 16;  // Q4 weight rows interleaved in one stream: one AVX-512 register's int32 lanes
+constexpr int64_t kQ4PrefetchBytes = 2048;  // how far ahead in its group's stream q4_tile prefetches
+constexpr int64_t kQ8Rows = 4;  // Q8 weight rows a tile: each activation block loaded serves four of them
+constexpr int64_t kQ8PrefetchGroups = 4;  // how far ahead (in groups of kQ8Rows rows) q8_tile prefetches
 // Longer prompts: rows dequantized to fp32 a chunk at a time and multiplied by at::mm. At 512 tokens that was about
 // level with the integer tiles in a one-matrix timing and slower in a whole-model run, so only prompts past 1024 take
 // it; geb/cpu_linear.py mirrors this as Q4_MAX_TILED_ROWS.
@@ -79,18 +81,54 @@ QuantizedInput quantize_input(const float* x, int64_t M, int64_t K, int64_t Kp) 
   return q;
 }
 
+constexpr int64_t kI8Group = 16;  // per-channel int8 weight rows interleaved in one stream (geb/gemv_i8.h)
+constexpr int64_t kI8Pad = 64;  // per-channel int8 rows padded to a multiple of 64 weights
+
+// Activations quantized to int8 with one scale an input row (d = max|x| / 127, round to nearest even): xq [M, Kp]
+// (zero past K), and for the VNNI kernel xu = xq + 128 as unsigned bytes.
+struct RowQuantizedInput {
+  std::vector<int8_t> xq;
+  std::vector<uint8_t> xu;
+  std::vector<float> dx;
+};
+
+RowQuantizedInput quantize_input_rows(const float* x, int64_t M, int64_t K, int64_t Kp, bool unsigned_copy) {
+  RowQuantizedInput q{std::vector<int8_t>(M * Kp, 0), std::vector<uint8_t>(unsigned_copy ? M * Kp : 0, 128),
+                      std::vector<float>(M, 0.f)};
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; m++) {
+      const float* p_x = x + m * K;
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; k++) amax = std::max(amax, std::fabs(p_x[k]));
+      const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+      for (int64_t k = 0; k < K; k++) {
+        const int32_t v = static_cast<int32_t>(std::nearbyint(p_x[k] * id));
+        q.xq[m * Kp + k] = static_cast<int8_t>(v);
+        if (unsigned_copy) q.xu[m * Kp + k] = static_cast<uint8_t>(v + 128);
+      }
+      q.dx[m] = d;
+    }
+  });
+  return q;
+}
+
 namespace avx2 {
-constexpr int kQ4Inputs = 3;  // input rows a prompt tile: 4 x 3 accumulators + weights and inputs = 16 registers
+constexpr int kQ8Inputs = 3;  // Q8 input rows a prompt tile: 4 x 3 accumulators + weights and inputs = 16 registers
+constexpr int kQ4Inputs = 2;  // Q4 input rows a tile: 2 x 2 halves x (int16 sums + fp32 sums) of 16 registers
+constexpr int kI8Inputs = 4;  // per-channel int8: 4 x 2 halves of int32 sums
 // fp32: four rows a token step (each load of x serves four; two accumulators a row), 4 x 3 prompt tiles (12
 // accumulators + 3 inputs + 1 weight = the 16 registers).
 constexpr int kF32Rows = 4, kF32Accs = 2, kF32TileRows = 4, kF32TileInputs = 3, kF32PrefetchGroups = 0;
 #include "gemv_f32.h"
 #include "gemv_q4.h"
 #include "gemv_q8.h"
+#include "gemv_i8.h"
 }  // namespace avx2
 
 namespace vnni {
-constexpr int kQ4Inputs = 4;  // 4 x 4 accumulators (of 32 registers); 4 x 5 and 4 x 6 were slower (40-55 vs 66 GMAC/s)
+constexpr int kQ8Inputs = 4;  // 4 x 4 accumulators (of 32 registers); 4 x 5 and 4 x 6 were slower (40-55 vs 66 GMAC/s)
+constexpr int kQ4Inputs = 8;  // Q4: 8 x (int32 + fp32 sums) of 32 registers
+constexpr int kI8Inputs = 8;  // per-channel int8: 8 int32 sums
 #define GEB_Q4_VNNI
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
@@ -101,11 +139,12 @@ constexpr int kF32Rows = 4, kF32Accs = 2, kF32TileRows = 6, kF32TileInputs = 4, 
 #include "gemv_f32.h"
 #include "gemv_q4.h"
 #include "gemv_q8.h"
+#include "gemv_i8.h"
 #pragma GCC pop_options
 #undef GEB_Q4_VNNI
 }  // namespace vnni
 
-// The Q4_0, Q8_0 and fp32 kernels this CPU runs: AVX-512 VNNI where the CPU (and OS) has it, else AVX2;
+// The fp32, Q4_0, Q8_0 and int8 kernels this CPU runs: AVX-512 VNNI where the CPU (and OS) has it, else AVX2;
 // GEB_CPU_ISA=avx2 in the environment, or geb::q4_kernel("avx2"), forces AVX2 (so both are tested on an AVX-512
 // machine).
 bool cpu_has_vnni() {
@@ -175,14 +214,16 @@ void q4_dequantize_rows(const uint8_t* qs, const uint16_t* scales, float* w, int
   const int64_t nb = Kp / 32;
   at::parallel_for(n0, n1, 8, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; n++) {
-      const uint8_t* p_q = qs + n * (Kp / 2);
+      const int64_t g = n / kQ4Group, r = n % kQ4Group;
       float* p_w = w + (n - n0) * K;
       for (int64_t b = 0; b < nb && b * 32 < K; b++) {
-        const float d = _cvtsh_ss(scales[n * nb + b]);
-        const uint8_t* p_chunk = p_q + (b / 2) * 32;
-        const int shift = (b % 2) * 4;  // even blocks in the low nibbles of their 64-weight chunk
-        for (int64_t j = 0; j < 32 && b * 32 + j < K; j++)
-          p_w[b * 32 + j] = static_cast<float>(((p_chunk[j] >> shift) & 0x0F) - 8) * d;
+        const float d = _cvtsh_ss(scales[(g * nb + b) * kQ4Group + r]);
+        const uint8_t* p_q = qs + (g * nb + b) * 256 + 4 * r;
+        for (int64_t j = 0; j < 16; j++) {
+          const uint8_t q = p_q[(j / 4) * 64 + j % 4];  // byte j of the row's ggml block
+          if (b * 32 + j < K) p_w[b * 32 + j] = static_cast<float>((q & 0x0F) - 8) * d;
+          if (b * 32 + 16 + j < K) p_w[b * 32 + 16 + j] = static_cast<float>((q >> 4) - 8) * d;
+        }
       }
     }
   });
@@ -213,15 +254,20 @@ at::Tensor linear_blocks_gemm(const at::Tensor& x2, const Q* qs, const uint16_t*
   return y;
 }
 
-// What linear_q4 and linear_q8 share once each has checked its qs and set N and Kp: the scales and input checks,
-// then long prompts through at::mm on dequantized rows and the rest through the integer tiles (rows_avx2/rows_vnni).
+// What linear_q4 and linear_q8 share once each has checked its qs and set Kp: the scales and input checks, then long
+// prompts through at::mm on dequantized rows and the rest through the integer tiles (rows_avx2/rows_vnni), each
+// thread taking whole groups of `group` rows. qs and scales hold the N rows padded to a multiple of `row_multiple`.
 template <typename Q, typename Dequantize, typename Rows>
-at::Tensor linear_blocks(const char* op, const at::Tensor& x, const Q* p_qs, const at::Tensor& scales, int64_t N,
-                         int64_t K, int64_t Kp, Dequantize dequantize, Rows rows_avx2, Rows rows_vnni) {
+at::Tensor linear_blocks(const char* op, const at::Tensor& x, const Q* p_qs, int64_t qs_rows, const at::Tensor& scales,
+                         int64_t N, int64_t row_multiple, int64_t group, int64_t K, int64_t Kp, Dequantize dequantize,
+                         Rows rows_avx2, Rows rows_vnni) {
+  const int64_t groups = (N + group - 1) / group, padded = (N + row_multiple - 1) / row_multiple * row_multiple;
+  TORCH_CHECK(N >= 0 && qs_rows == padded, op, ": qs must hold ", padded, " rows (out_features ", N,
+              " rounded up to a multiple of ", row_multiple, "), got ", qs_rows);
   TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
-                  scales.size(0) == N && scales.size(1) == Kp / 32,
-              op, ": scales must be a contiguous float16 tensor of [", N, ", ", Kp / 32, "], got ", scales.sizes(),
-              ", ", scales.scalar_type());
+                  scales.size(0) == qs_rows && scales.size(1) == Kp / 32,
+              op, ": scales must be a contiguous float16 tensor of [", qs_rows, ", ", Kp / 32, "], got ",
+              scales.sizes(), ", ", scales.scalar_type());
   TORCH_CHECK(K > Kp - 256 && K <= Kp, op, ": in_features ", K, " does not fit qs of ", Kp, " columns");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, op, ": x's last dimension must be ", K, ", got ", x.sizes());
   TORCH_CHECK(!(at::GradMode::is_enabled() && x.requires_grad()),
@@ -240,18 +286,19 @@ at::Tensor linear_blocks(const char* op, const at::Tensor& x, const Q* p_qs, con
   const QuantizedInput in = quantize_input(x_c.data_ptr<float>(), M, K, Kp);
   float* p_y = y.data_ptr<float>();
   const Rows rows = g_q4_vnni ? rows_vnni : rows_avx2;
-  at::parallel_for(0, (N + kQ4Rows - 1) / kQ4Rows, M > 1 ? 1 : 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, groups, M > 1 ? 1 : 64 / group, [&](int64_t begin, int64_t end) {
     rows(p_qs, p_s, in, p_y, begin, end, M, N, Kp);
   });
   return y.to(x.scalar_type());
 }
 
-at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, int64_t in_features) {
+at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, int64_t in_features,
+                     int64_t out_features) {
   TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.size(1) % 128 == 0,
               "geb::linear_q4: qs must be a contiguous 2-D uint8 tensor of [N, Kp / 2] with Kp % 256 == 0, got ",
               qs.sizes(), ", ", qs.scalar_type());
-  return linear_blocks("geb::linear_q4", x, qs.data_ptr<uint8_t>(), scales, qs.size(0), in_features, qs.size(1) * 2,
-                       q4_dequantize_rows, &avx2::q4_rows, &vnni::q4_rows);
+  return linear_blocks("geb::linear_q4", x, qs.data_ptr<uint8_t>(), qs.size(0), scales, out_features, kQ4Group,
+                       kQ4Group, in_features, qs.size(1) * 2, q4_dequantize_rows, &avx2::q4_rows, &vnni::q4_rows);
 }
 
 // geb::linear_q8: weights as ggml's Q8_0 (blocks of 32, w = q * d, q int8 in -127..127, d fp16), stored as they are:
@@ -261,8 +308,54 @@ at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kChar && qs.is_contiguous() && qs.size(1) % 256 == 0,
               "geb::linear_q8: qs must be a contiguous 2-D int8 tensor of [N, Kp] with Kp % 256 == 0, got ",
               qs.sizes(), ", ", qs.scalar_type());
-  return linear_blocks("geb::linear_q8", x, qs.data_ptr<int8_t>(), scales, qs.size(0), in_features, qs.size(1),
-                       q8_dequantize_rows, &avx2::q8_rows, &vnni::q8_rows);
+  return linear_blocks("geb::linear_q8", x, qs.data_ptr<int8_t>(), qs.size(0), scales, qs.size(0), 1, kQ8Rows,
+                       in_features, qs.size(1), q8_dequantize_rows, &avx2::q8_rows, &vnni::q8_rows);
+}
+
+// geb::linear_i8: int8 weights with one fp32 scale a row (w = q * d), rows interleaved in groups of kI8Group
+// (geb/gemv_i8.h): qs [Np, Kp] int8, Np = N rounded up to 16, Kp = K to kI8Pad (zeros); scales [Np] fp32;
+// sums [Np] int32 = 128 * sum_k q_k (the VNNI kernel's correction). Activations are quantized per input row at each
+// call; prompts longer than kQ4MaxTiledInputs go through at::mm on the dequantized weight.
+at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& sums,
+                     int64_t in_features, int64_t out_features) {
+  const char* op = "geb::linear_i8";
+  const int64_t N = out_features, K = in_features, Np = (N + kI8Group - 1) / kI8Group * kI8Group;
+  TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kChar && qs.is_contiguous() && qs.size(0) == Np &&
+                  qs.size(1) % kI8Pad == 0 && K > qs.size(1) - kI8Pad && K <= qs.size(1),
+              op, ": qs must be a contiguous int8 tensor of [", Np, ", in_features ", K, " rounded up to ", kI8Pad,
+              "], got ", qs.sizes(), ", ", qs.scalar_type());
+  TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  scales.size(0) == Np, op, ": scales must be a contiguous float32 tensor of [", Np, "], got ",
+              scales.sizes(), ", ", scales.scalar_type());
+  TORCH_CHECK(sums.dim() == 1 && sums.scalar_type() == at::kInt && sums.is_contiguous() && sums.size(0) == Np,
+              op, ": sums must be a contiguous int32 tensor of [", Np, "], got ", sums.sizes(), ", ",
+              sums.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, op, ": x's last dimension must be ", K, ", got ", x.sizes());
+  TORCH_CHECK(!(at::GradMode::is_enabled() && x.requires_grad()),
+              op, " is for inference and has no backward: call it under torch.no_grad()");
+  const int64_t Kp = qs.size(1);
+  const at::Tensor x_c = x.to(at::kFloat).contiguous();
+  const int64_t M = x_c.numel() / std::max<int64_t>(K, 1);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  if (M == 0 || N == 0) return at::empty(out_shape, x_c.options()).to(x.scalar_type());
+  if (M > kQ4MaxTiledInputs) {
+    const at::Tensor w = (qs.view({Np / kI8Group, Kp / 4, kI8Group, 4}).permute({0, 2, 1, 3}).reshape({Np, Kp})
+                              .narrow(0, 0, N).narrow(1, 0, K).to(at::kFloat) *
+                          scales.narrow(0, 0, N).unsqueeze(1));
+    return at::mm(x_c.reshape({M, K}), w.t()).reshape(out_shape).to(x.scalar_type());
+  }
+  at::Tensor y = at::empty(out_shape, x_c.options());
+  const bool vnni = g_q4_vnni;
+  const RowQuantizedInput in = quantize_input_rows(x_c.data_ptr<float>(), M, K, Kp, vnni);
+  const int8_t* p_q = qs.data_ptr<int8_t>();
+  const float* p_s = scales.data_ptr<float>();
+  const int32_t* p_sums = sums.data_ptr<int32_t>();
+  float* p_y = y.data_ptr<float>();
+  at::parallel_for(0, Np / kI8Group, M > 1 ? 1 : 4, [&](int64_t begin, int64_t end) {
+    (vnni ? vnni::i8_rows : avx2::i8_rows)(p_q, p_s, p_sums, in, p_y, begin, end, M, N, Kp);
+  });
+  return y.to(x.scalar_type());
 }
 
 }  // namespace
@@ -271,6 +364,7 @@ TORCH_LIBRARY_IMPL(geb, CPU, m) {
   m.impl("linear_f32", &linear_f32);
   m.impl("linear_q4", &linear_q4);
   m.impl("linear_q8", &linear_q8);
+  m.impl("linear_i8", &linear_i8);
 }
 
 TORCH_LIBRARY_FRAGMENT(geb, m) {

@@ -26,13 +26,13 @@ void q8_tile(const int8_t* qs, const uint16_t* scales, const QuantizedInput& in,
         _mm256_store_ps(s[r][i], _mm256_mul_ps(b_dw, _mm256_loadu_ps(in.dx.data() + (m + i) * nb + b0)));
     }
     if (R > 1) {
-      // As in q4_tile: the rows kQ4PrefetchGroups groups ahead into L2 (the hardware prefetchers stop at 4 KiB
+      // As in q4_tile: the rows kQ8PrefetchGroups groups ahead into L2 (the hardware prefetchers stop at 4 KiB
       // pages); eight blocks are 256 bytes a row, four cache lines.
       for (int r = 0; r < R; r++) {
-        const int8_t* p_next = qs + (n + kQ4PrefetchGroups * R + r) * Kp + b0 * 32;
+        const int8_t* p_next = qs + (n + kQ8PrefetchGroups * R + r) * Kp + b0 * 32;
         for (int l = 0; l < 4; l++) _mm_prefetch(reinterpret_cast<const char*>(p_next + 64 * l), _MM_HINT_T1);
         if (b0 % 32 == 0)
-          _mm_prefetch(reinterpret_cast<const char*>(scales + (n + kQ4PrefetchGroups * R + r) * nb + b0), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(scales + (n + kQ8PrefetchGroups * R + r) * nb + b0), _MM_HINT_T1);
       }
     }
     for (int c = 0; c < 8; c++) {  // eight blocks of 32 weights
@@ -75,17 +75,17 @@ void q8_tile(const int8_t* qs, const uint16_t* scales, const QuantizedInput& in,
   }
 }
 
-// All M inputs against the weight rows of groups [begin, end) of kQ4Rows rows (the last group may be short).
+// All M inputs against the weight rows of groups [begin, end) of kQ8Rows rows (the last group may be short).
 void q8_rows(const int8_t* qs, const uint16_t* scales, const QuantizedInput& in, float* y, int64_t begin,
              int64_t end, int64_t M, int64_t N, int64_t Kp) {
   for (int64_t g = begin; g < end; g++) {
-    const int64_t n = g * kQ4Rows;
-    if (n + kQ4Rows <= N) {
+    const int64_t n = g * kQ8Rows;
+    if (n + kQ8Rows <= N) {
       int64_t m = 0;
-      for (; m + kQ4Inputs <= M; m += kQ4Inputs) q8_tile<kQ4Rows, kQ4Inputs>(qs, scales, in, y, n, m, N, Kp);
-      if constexpr (kQ4Inputs > 3)
-        for (; m + 3 <= M; m += 3) q8_tile<kQ4Rows, 3>(qs, scales, in, y, n, m, N, Kp);
-      for (; m < M; m++) q8_tile<kQ4Rows, 1>(qs, scales, in, y, n, m, N, Kp);
+      for (; m + kQ8Inputs <= M; m += kQ8Inputs) q8_tile<kQ8Rows, kQ8Inputs>(qs, scales, in, y, n, m, N, Kp);
+      if constexpr (kQ8Inputs > 3)
+        for (; m + 3 <= M; m += 3) q8_tile<kQ8Rows, 3>(qs, scales, in, y, n, m, N, Kp);
+      for (; m < M; m++) q8_tile<kQ8Rows, 1>(qs, scales, in, y, n, m, N, Kp);
     } else {
       for (int64_t r = n; r < N; r++)
         for (int64_t m = 0; m < M; m++) q8_tile<1, 1>(qs, scales, in, y, r, m, N, Kp);

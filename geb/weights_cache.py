@@ -7,9 +7,9 @@ a checkpoint and a --quant writes the converted weights to geb's cache dir (`GEB
 a model built on the meta device. An entry is keyed by the checkpoint's resolved path and quant, and stamped with
 its size and modification time (hashing gigabytes on every start would cost seconds) and this module's format
 version: a checkpoint rewritten since is detected and its entry rebuilt, never used.
-What is cached per quant: "none" the fused fp32 weights (geb's AVX2 layout is the plain one), "int4" and "q8_0" the
-Q4_0 and Q8_0 blocks, "int8" the fused fp32 weights (FBGEMM's packed weights are opaque objects: they are packed
-again at each start).
+What is cached per quant: "none" the fused fp32 weights (geb's kernel reads the plain layout), "int4", "q8_0" and
+"int8" the Q4_0, Q8_0 and per-channel int8 weights in geb/gemv.cpp's layouts. Without geb's kernel (no C++
+compiler), --quant int8 runs on FBGEMM, whose packed weights are opaque objects: nothing is cached then.
 """
 
 import hashlib
@@ -23,11 +23,11 @@ from torch.overrides import TorchFunctionMode
 
 from geb.checkpoint import list_checkpoints
 from geb.config import ModelConfig
-from geb.cpu_linear import F32Linear, Int4Linear, Q8Linear, _replace_linears
+from geb.cpu_linear import ChannelInt8Linear, F32Linear, Int4Linear, Q8Linear, _replace_linears
 from geb.files import atomic_path, cache_dir
 from geb.model import GEB
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: Q4_0 rows interleaved in groups of 16; int8 as geb's per-channel int8
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "meta.json"
 
@@ -98,6 +98,8 @@ def _skeleton(config: ModelConfig, quant: str) -> GEB:
         _replace_linears(model, Int4Linear.empty_like)
     elif quant == "q8_0":
         _replace_linears(model, Q8Linear.empty_like)
+    elif quant == "int8":
+        _replace_linears(model, ChannelInt8Linear.empty_like)
     return model
 
 
@@ -120,8 +122,6 @@ def load_cached(ckpt: Path, quant: str, root: Path | None = None) -> tuple[GEB, 
         model.load_state_dict(state, assign=True)
     except (OSError, RuntimeError, KeyError, ValueError):  # a damaged entry: rebuilt by the caller
         return None
-    if model.config.tie_embeddings and quant == "int8":
-        model.lm_head.weight = model.embed_tokens.weight
     return model.eval(), tokenizer
 
 

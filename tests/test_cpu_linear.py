@@ -20,11 +20,13 @@ from geb.cpu_linear import (
     Q8Linear,
     _clear_stale_build_lock,
     convert_for_cpu,
+    dequantize_int8_rows,
     dequantize_q4_0,
     dequantize_q8_0,
     load_gemv,
     q4_kernels,
     quantize_int8,
+    quantize_int8_rows,
     quantize_q4_0,
     quantize_q8_0,
     use_q4_kernel,
@@ -39,15 +41,18 @@ TEXT = "Thunder and lightning. Enter three Witches. 新华社北京电"
 INT8_TEXT = "When shall we three meet again in thunder, lightning, or in rain?"
 
 
-@pytest.mark.parametrize("method", ["fbgemm", "woq", "fused fbgemm"])
+@pytest.mark.parametrize("method", ["geb", "fbgemm", "woq", "fused"])
 def test_int8_logits_close_to_fp32(tiny_model, tokenizer, method):
     model = tiny_model
+    if method == "geb":
+        _needs_gemv()
     idx = torch.tensor([tokenizer.encode(INT8_TEXT)[:48]])
     with torch.no_grad():
         ref, _ = model(idx)
         q = copy.deepcopy(model)
-        if method == "fused fbgemm":  # what infer_cpu.py --quant int8 runs
-            assert convert_for_cpu(q, "int8") == "fbgemm" and q.layers[0].mlp.gate_up_proj is not None
+        if method == "fused":  # what infer_cpu.py --quant int8 runs: geb's kernel where it builds
+            want = "geb" if load_gemv() else "fbgemm"
+            assert convert_for_cpu(q, "int8") == want and q.layers[0].mlp.gate_up_proj is not None
         else:
             assert quantize_int8(q, method) == method
         got, _ = q(idx)
@@ -185,7 +190,7 @@ def test_block_formats_are_ggml_s(shape, fmt):
     want = gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), q), q)
     qs, scales = quantize(w)
     assert qs.dtype == dtype and scales.dtype == torch.float16 and qs.shape[1] % (256 * cols) == 0
-    assert torch.equal(dequantize(qs, scales, shape[1]), torch.from_numpy(want))
+    assert torch.equal(dequantize(qs, scales, shape[1], shape[0]), torch.from_numpy(want))
 
 
 def _q8_blocks(x: torch.Tensor) -> torch.Tensor:
@@ -198,14 +203,21 @@ def _q8_blocks(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(b * inv).double() * d.double()).reshape(*x.shape[:-1], kp)[..., :k]
 
 
+def _kernel(fmt: str, x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """geb/gemv.cpp's operator of fmt on (qs, scales) of an n x k weight (Q4_0's also takes n: its rows are padded)."""
+    if fmt == "q4_0":
+        return torch.ops.geb.linear_q4(x, qs, scales, k, n)
+    return torch.ops.geb.linear_q8(x, qs, scales, k)
+
+
 def _check_linear_blocks(fmt: str, n: int, k: int, m: int) -> None:
     quantize, dequantize, kernel, *_ = FORMATS[fmt]
     w = torch.randn(n, k) * (0.5 + torch.rand(n, 1))
     x = torch.randn(m, k) * (0.5 + torch.rand(m, 1))
     qs, scales = quantize(w)
-    wd = dequantize(qs, scales, k).double()
+    wd = dequantize(qs, scales, k, n).double()
     with torch.no_grad():
-        y = getattr(torch.ops.geb, kernel)(x, qs, scales, k)
+        y = _kernel(fmt, x, qs, scales, k, n)
     assert y.shape == (m, n) and y.dtype == torch.float32
     # Up to Q4_MAX_TILED_ROWS inputs the kernel quantizes them to int8 blocks; beyond, fp32 GEMM on dequantized rows.
     xq = _q8_blocks(x) if m <= Q4_MAX_TILED_ROWS else x.double()
@@ -249,11 +261,70 @@ def test_block_kernels_against_fp64(q4_kernel, fmt):
     finally:
         torch.set_num_threads(threads)
     assert use_q4_kernel() == q4_kernel
-    quantize, _, kernel, *_ = FORMATS[fmt]
+    quantize, *_ = FORMATS[fmt]
     with pytest.raises(RuntimeError, match="last dimension must be 96"):
-        getattr(torch.ops.geb, kernel)(torch.randn(1, 95), *quantize(torch.randn(4, 96)), 96)
+        _kernel(fmt, torch.randn(1, 95), *quantize(torch.randn(4, 96)), 96, 4)
     with pytest.raises(RuntimeError, match="no backward"):
-        getattr(torch.ops.geb, kernel)(torch.randn(1, 96, requires_grad=True), *quantize(torch.randn(4, 96)), 96)
+        _kernel(fmt, torch.randn(1, 96, requires_grad=True), *quantize(torch.randn(4, 96)), 96, 4)
+    if fmt == "q4_0":
+        with pytest.raises(RuntimeError, match=r"qs must hold 32 rows \(out_features 17 rounded up"):
+            _kernel(fmt, torch.randn(1, 96), *quantize(torch.randn(4, 96)), 96, 17)
+
+
+def test_int8_rows_format():
+    """quantize_int8_rows: one scale a row (max |w| / 127), round to nearest, the sums the VNNI kernel subtracts, and
+    dequantize_int8_rows inverts the interleaving (odd sizes, zero rows and a zero row)."""
+    for n, k in [(1, 5), (17, 64), (40, 300)]:
+        w = torch.randn(n, k) * (0.1 + torch.rand(n, 1))
+        w[0] = 0
+        qs, scales, sums = quantize_int8_rows(w)
+        assert qs.shape == (-(-n // 16) * 16, -(-k // 64) * 64) and qs.dtype == torch.int8
+        d = w.abs().amax(1) / 127
+        q = torch.round(w * torch.where(d == 0, 0, 1 / d)[:, None])
+        assert torch.equal(dequantize_int8_rows(qs, scales, k, n), q * d[:, None])
+        assert torch.equal(sums[:n], 128 * q.sum(1).int()) and not sums[n:].any()
+
+
+def _check_linear_i8(n: int, k: int, m: int) -> None:
+    w = torch.randn(n, k) * (0.5 + torch.rand(n, 1))
+    x = torch.randn(m, k) * (0.5 + torch.rand(m, 1))
+    qs, scales, sums = quantize_int8_rows(w)
+    wd = dequantize_int8_rows(qs, scales, k, n).double()
+    with torch.no_grad():
+        y = torch.ops.geb.linear_i8(x, qs, scales, sums, k, n)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    if m <= Q4_MAX_TILED_ROWS:  # activations quantized per row (round half to even), as the kernel does
+        d = x.abs().amax(1, keepdim=True) / 127
+        xq = torch.round(x * (1 / d)).double() * d.double()
+    else:  # long prompts: fp32 GEMM on the dequantized weight
+        xq = x.double()
+    ref = xq @ wd.t()
+    bound = 1e-5 * (xq.abs() @ wd.abs().t()) + 1e-6
+    assert ((y.double() - ref).abs() <= bound).all(), ((y.double() - ref).abs() / bound).max().item()
+
+
+def test_int8_rows_kernel_against_fp64(q4_kernel):
+    """geb::linear_i8 (AVX2 and AVX-512 VNNI) against fp64 of the same int8 weights and activations: one token and
+    prompt tiles (input counts off the tiles' 8 / 4 / 2), row counts off the groups of 16, lengths off 4 and 64, an
+    LM-head-like matrix; long prompts through fp32 GEMM; bad shapes refused in one line."""
+    torch.manual_seed(6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n, k in [(1, 32), (3, 47), (16, 64), (37, 300), (130, 2048), (4099, 96), (24, 5632)]:
+            for m in (1, 2, 3, 5, 7, 13, 17):
+                _check_linear_i8(n, k, m)
+        _check_linear_i8(37, 300, Q4_MAX_TILED_ROWS + 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert use_q4_kernel() == q4_kernel
+    qs, scales, sums = quantize_int8_rows(torch.randn(4, 96))
+    with pytest.raises(RuntimeError, match="last dimension must be 96"):
+        torch.ops.geb.linear_i8(torch.randn(1, 95), qs, scales, sums, 96, 4)
+    with pytest.raises(RuntimeError, match=r"qs must be a contiguous int8 tensor of \[32, in_features 96"):
+        torch.ops.geb.linear_i8(torch.randn(1, 96), qs, scales, sums, 96, 17)
+    with pytest.raises(RuntimeError, match="no backward"):
+        torch.ops.geb.linear_i8(torch.randn(1, 96, requires_grad=True), qs, scales, sums, 96, 4)
 
 
 def test_q4_kernel_choice():

@@ -150,7 +150,7 @@ def test_block_export_holds_the_quantized_weights(tmp_path, tokenizer_file, qtyp
     dequantize = dequantize_q4_0 if qtype == "q4_0" else dequantize_q8_0
 
     def weight(linear) -> torch.Tensor:
-        return dequantize(linear.qs, linear.scales, linear.in_features)
+        return dequantize(linear.qs, linear.scales, linear.in_features, linear.out_features)
 
     for i, layer in enumerate(model.layers):
         kv_dim = c.n_kv_heads * c.head_dim
