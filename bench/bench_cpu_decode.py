@@ -1,5 +1,5 @@
 """CPU decode, prompts and start-up, side by side on the same weights: geb (fp32 as trained, then as infer_cpu.py
-runs it: q/k/v and gate/up fused, fp32 on geb's AVX2 kernel, int8, or Q4_0 on geb's integer kernel), Hugging Face
+runs it: q/k/v and gate/up fused, fp32 on geb's kernel, int8, or Q4_0 on geb's integer kernel), Hugging Face
 transformers (fp32 / quantize_dynamic int8; decode only) and llama.cpp (llama-cpp-python, F32 / Q8_0 / Q4_0 GGUF of
 the same weights; n_batch = the longest prompt, so a prompt is one batch). Engines that are not installed are
 skipped. Batch 1, greedy.
@@ -172,8 +172,9 @@ def print_tables(rows: dict, prompt_lengths: list[int], threads: int) -> None:
 
 
 def geb_label(fmt: str) -> str:
-    isa = {"avx2": "AVX2", "vnni": "AVX-512 VNNI"}.get(use_q4_kernel(), "?") if fmt in ("q4_0", "q8_0", "geb") else ""
-    labels = {"gemv": "fp32 (fused, geb AVX2 kernel)", "onednn": "fp32 (fused, oneDNN-packed)",
+    isa = {"avx2": "AVX2", "vnni": "AVX-512 VNNI"}.get(use_q4_kernel(), "?") if fmt in ("gemv", "q4_0", "q8_0", "geb") \
+        else ""
+    labels = {"gemv": f"fp32 (fused, geb {isa.removesuffix(' VNNI')} kernel)", "onednn": "fp32 (fused, oneDNN-packed)",
               "plain": "fp32 (fused, MKL)", "q4_0": f"int4 (fused, Q4_0, geb {isa} kernel)",
               "q8_0": f"int8 (fused, Q8_0, geb {isa} kernel)", "geb": f"int8 (fused, per-channel, geb {isa} kernel)",
               "fbgemm": "int8 (fused, FBGEMM per-channel)"}

@@ -2,9 +2,10 @@
 
 At batch 1 a linear layer is a matrix-vector product bound by reading its weights. fp32 (`pack_fp32`), the first
 that this machine has:
-- "gemv": geb's own AVX2 kernel (geb/gemv.cpp, built on first use and cached by torch.utils.cpp_extension) on the
-  weights as they are. It streams them faster than oneDNN and MKL on our 2-core CPU (BENCHMARKS.md); prompts of
-  up to 48 tokens go through its register-tiled kernel, longer ones through oneDNN's GEMM on the same weights.
+- "gemv": geb's own kernels (geb/gemv.cpp, built on first use and cached by torch.utils.cpp_extension) on the
+  weights as they are: AVX-512 where the CPU has AVX-512 VNNI, else AVX2 (as for int4 below). They stream them faster
+  than oneDNN and MKL on our 2-core CPUs (BENCHMARKS.md); prompts of up to 48 tokens go through their register-tiled
+  kernel, longer ones through oneDNN's GEMM on the same weights.
 - "onednn": the weights reordered once into oneDNN's blocked layout, whose kernel beats MKL's sgemm on the plain
   layout (27 vs 20 GB/s per 2048x5632 matrix here).
 - "plain": nn.Linear untouched (MKL).
@@ -126,8 +127,8 @@ def _clear_stale_build_lock(build_dir: Path, max_age_s: float = 600.0) -> None:
 
 @functools.cache
 def load_gemv() -> bool:
-    """Build (first call; torch caches the build by source) and load geb's AVX2 fp32 matrix-vector kernel; False,
-    with a warning if the build failed, where it cannot run."""
+    """Build (first call; torch caches the build by source) and load geb's CPU kernels (geb/gemv.cpp: fp32, Q4_0, Q8_0
+    and int8; AVX2 and AVX-512); False, with a warning if the build failed, where it cannot run."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return False
     source = Path(__file__).with_name("gemv.cpp")
@@ -137,12 +138,13 @@ def load_gemv() -> bool:
         if not any(build_dir.glob("*.so")):
             print(f"[geb.cpu_linear] building {source.name} into {build_dir} (first use only, ~30 s)", file=sys.stderr,
                   flush=True)
-    # torch hashes the listed sources only: the included header's hash goes into the flags so a change rebuilds.
-    header = hashlib.sha256(b"".join(source.with_name(h).read_bytes() for h in ("gemv_q4.h", "gemv_q8.h", "gemv_i8.h")))
+    # torch hashes the listed sources only: the included headers' hash goes into the flags so a change rebuilds.
+    headers = ("gemv_f32.h", "gemv_q4.h", "gemv_q8.h", "gemv_i8.h")
+    header = hashlib.sha256(b"".join(source.with_name(h).read_bytes() for h in headers))
     header = header.hexdigest()[:16]
     try:
         # -mavx2 -mfma, not -march=native: a build cached in a shared home directory must run on any AVX2 machine
-        # (the AVX-512 VNNI kernels are compiled by a target pragma and run only where the CPU has them).
+        # (the AVX-512 kernels are compiled by a target pragma and run only where the CPU has AVX-512 VNNI).
         cpp_extension.load("geb_gemv", [str(source)], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp",
                                                                     f"-DGEB_Q4_H={header}"],
                            extra_ldflags=["-fopenmp"], is_python_module=False)
@@ -194,8 +196,8 @@ def _onednn_plain_linear() -> bool:
 
 
 class F32Linear(nn.Module):
-    """fp32 linear on geb's AVX2 kernels (geb/gemv.cpp) up to MAX_ROWS input rows, on oneDNN's GEMM beyond (where
-    available); the weight as it is."""
+    """fp32 linear on geb's kernels (geb/gemv.cpp; AVX-512 or AVX2) up to MAX_ROWS input rows, on oneDNN's GEMM
+    beyond (where available); the weight as it is."""
 
     MAX_ROWS = 48  # a geb-1.3b prefill of 48 tokens was as fast as with oneDNN, 64 slower (BENCHMARKS.md)
 
@@ -215,7 +217,7 @@ class F32Linear(nn.Module):
         return torch.ops.geb.linear_f32(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp32 (geb AVX2 kernels)"
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp32 (geb kernels)"
 
 
 class PackedLinear(nn.Module):

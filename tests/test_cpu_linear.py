@@ -1,5 +1,6 @@
 """geb.cpu_linear and geb/gemv.cpp: int8 stays close to fp32, the fp32 formats equal plain fp32 up to summation
-order, geb's AVX2 kernel against fp64 on odd shapes, long prompts on oneDNN, a stale build lock is removed."""
+order, geb's fp32 kernels (AVX2 and AVX-512) against fp64 on odd shapes, long prompts on oneDNN, a stale build lock
+is removed."""
 
 import copy
 import os
@@ -97,13 +98,11 @@ def test_fused_fp32_formats_match_plain(tiny_model, tokenizer, weights, monkeypa
         list(Decoder(model).generate(prompt, 30, temperature=0.0))
 
 
-def test_gemv_kernel_against_fp64():
-    """geb/gemv.cpp on odd shapes (row counts not a multiple of 4, lengths not a multiple of 16), with and without
-    bias: one input row (the matrix-vector kernel), 2-64 rows (the tiled kernel, input counts not a multiple of its
-    3) and 65 (at::linear), contiguous or not, against fp64."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or shutil.which("c++") is None:
-        pytest.skip("geb's kernel needs an AVX2 CPU and a C++ compiler")
-    assert load_gemv(), "geb/gemv.cpp failed to build (see the warning)"
+def test_gemv_kernel_against_fp64(q4_kernel):
+    """geb/gemv.cpp's fp32 kernels (AVX2 and AVX-512) on odd shapes (row counts not a multiple of their row groups,
+    lengths not a multiple of their vectors), with and without bias: one input row (the matrix-vector kernel), 2-17
+    and 64 rows (the tiled kernel, input counts not a multiple of its 3 or 4) and 65 (at::linear), contiguous or not,
+    against fp64."""
     torch.manual_seed(3)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the module runs on one thread; the kernels split rows between threads
@@ -113,6 +112,7 @@ def test_gemv_kernel_against_fp64():
             _check_linear_f32(n, k)
     finally:
         torch.set_num_threads(threads)
+    assert use_q4_kernel() == q4_kernel
     with pytest.raises(RuntimeError, match="last dimension must be 16"):
         torch.ops.geb.linear_f32(torch.randn(1, 15), torch.randn(4, 16), None)
     with pytest.raises(RuntimeError, match=r"bias must be float32 of shape \[4\]"):
@@ -124,8 +124,9 @@ def test_gemv_kernel_against_fp64():
 def _check_linear_f32(n: int, k: int) -> None:
     """geb::linear_f32 with an n x k weight, with and without bias, on every input layout, against fp64."""
     w, b = torch.randn(n, k), torch.randn(n)
-    inputs = (torch.randn(k), torch.randn(1, 1, k), torch.randn(k, 2).t()[:1], torch.randn(2, k),
-              torch.randn(2, 2, k), torch.randn(k, 7).t(), torch.randn(1, 64, k), torch.randn(65, k))
+    inputs = (torch.randn(k), torch.randn(1, 1, k), torch.randn(k, 2).t()[:1], torch.randn(2, 2, k),
+              torch.randn(k, 7).t(), *(torch.randn(m, k) for m in range(2, 18)), torch.randn(1, 64, k),
+              torch.randn(65, k))
     for x in inputs:
         for bias in (None, b):
             got = torch.ops.geb.linear_f32(x, w, bias)
@@ -137,22 +138,20 @@ def _check_linear_f32(n: int, k: int) -> None:
             assert (got.double() - ref).abs().max() <= tol, (n, k, tuple(x.shape))
 
 
-def test_f32_linear_short_and_long_prompts():
-    """F32Linear: up to MAX_ROWS input rows on geb's kernels, more on oneDNN's GEMM over the same plain weight; both
-    equal fp64 up to rounding, with and without bias."""
-    if not load_gemv():
-        pytest.skip("geb's kernel cannot be built here")
+def test_f32_linear_short_and_long_prompts(q4_kernel):
+    """F32Linear: up to MAX_ROWS input rows on geb's kernels (AVX2 and AVX-512), more on oneDNN's GEMM over the same
+    plain weight; both equal fp64 up to rounding, with and without bias."""
     torch.manual_seed(4)
     for bias in (False, True):
-        linear = torch.nn.Linear(96, 70, bias=bias)
+        linear = torch.nn.Linear(97, 71, bias=bias)
         layer = F32Linear(linear)
         assert layer.onednn_long_prompts == torch.backends.mkldnn.is_available()
-        for rows in (1, F32Linear.MAX_ROWS, F32Linear.MAX_ROWS + 1, 200):
-            x = torch.randn(1, rows, 96)
+        for rows in (*range(1, 18), F32Linear.MAX_ROWS, F32Linear.MAX_ROWS + 1, 200):
+            x = torch.randn(1, rows, 97)
             with torch.no_grad():
                 got, ref = layer(x), linear.double()(x.double())
                 linear.float()
-            assert got.shape == (1, rows, 70) and (got.double() - ref).abs().max() < 1e-4, rows
+            assert got.shape == (1, rows, 71) and (got.double() - ref).abs().max() < 1e-4, rows
 
 
 def test_stale_build_lock_is_removed(tmp_path):
