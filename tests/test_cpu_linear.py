@@ -3,6 +3,7 @@ order, geb's fp32 kernels (AVX2 and AVX-512) against fp64 on odd shapes, long pr
 is removed."""
 
 import copy
+import mmap
 import os
 import shutil
 import subprocess
@@ -13,8 +14,10 @@ import gguf
 import pytest
 import torch
 
+from geb import cpu_linear
 from geb.cpu_linear import (
     Q4_MAX_TILED_ROWS,
+    ChannelInt8Linear,
     F32Linear,
     Int4Linear,
     Q8Linear,
@@ -25,6 +28,7 @@ from geb.cpu_linear import (
     dequantize_q8_0,
     int8_method,
     load_gemv,
+    move_to_huge_pages,
     q4_kernels,
     quantize_int8,
     quantize_int8_rows,
@@ -326,6 +330,33 @@ def test_int8_rows_kernel_against_fp64(q4_kernel):
         torch.ops.geb.linear_i8(torch.randn(1, 96), qs, scales, sums, 96, 17)
     with pytest.raises(RuntimeError, match="no backward"):
         torch.ops.geb.linear_i8(torch.randn(1, 96, requires_grad=True), qs, scales, sums, 96, 4)
+
+
+def test_quantized_weights_move_to_huge_pages():
+    """move_to_huge_pages (what convert_for_cpu does for int4 / int8 / q8_0) copies every quantized buffer of 2 MiB
+    or more into a mapping of its own starting on a 2 MiB boundary, leaves smaller ones, and changes no output."""
+    _needs_gemv()
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no transparent huge pages advice on this OS")
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(Int4Linear(torch.nn.Linear(4096, 2048)), ChannelInt8Linear(torch.nn.Linear(2048, 1536)))
+    x = torch.randn(3, 4096)
+    with torch.no_grad():
+        before = model(x)
+        large = [(m, n) for m in model for n in ("qs", "scales", "sums") if hasattr(m, n)
+                 and getattr(m, n).nbytes >= 2 << 20]
+        small = {n: getattr(m, n).data_ptr() for m in model for n in ("scales", "sums") if hasattr(m, n)}
+        old = [getattr(m, n).data_ptr() for m, n in large]
+        moved = move_to_huge_pages(model)
+        after = model(x)
+    assert [n for _, n in large] == ["qs", "qs"] and moved == sum(getattr(m, n).nbytes for m, n in large)
+    regions = [torch.frombuffer(r, dtype=torch.uint8) for r in cpu_linear._ARENAS]
+    for (m, n), p in zip(large, old, strict=True):
+        t = getattr(m, n)
+        assert t.data_ptr() != p and t.data_ptr() % (2 << 20) == 0
+        assert any(r.data_ptr() <= t.data_ptr() < r.data_ptr() + r.numel() for r in regions)
+    assert small == {n: getattr(m, n).data_ptr() for m in model for n in ("scales", "sums") if hasattr(m, n)}
+    assert torch.equal(after, before)
 
 
 def test_q4_kernel_choice():
