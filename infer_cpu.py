@@ -28,7 +28,7 @@ import torch
 from geb.chat import encode_prompt as encode_chat_prompt
 from geb.checkpoint import CheckpointError, list_checkpoints, load_model
 from geb.config import PRESETS, preset
-from geb.cpu_linear import QUANTS, convert_for_cpu, int8_method
+from geb.cpu_linear import QUANTS, convert_for_cpu, int8_method, move_to_huge_pages
 from geb.generate import Decoder, GenerationStats, fit_prompt
 from geb.model import GEB
 from geb.tokenizer import Tokenizer
@@ -83,6 +83,8 @@ def run_bench(args: argparse.Namespace) -> None:
     cache_len = min(model.config.max_seq_len, len(prompt) + new_tokens)
     load_s = time.perf_counter() - t0
     decoder, method, quant_s = make_decoder(model, args.quant, args.compile, cache_len, args.compile_mode)
+    if args.huge_pages:
+        move_to_huge_pages(model)
     stats = GenerationStats()
     compile_s = decoder.warmup()  # eager warmup too, so first-call allocations do not count as decode time
     for _ in decoder.generate(prompt, new_tokens, temperature=0.0, stats=stats):
@@ -144,6 +146,8 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GEB, Tokenizer, 
     if tokenizer.vocab_size > model.config.vocab_size:
         sys.exit(f"error: {tokenizer_path} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                  f"{model.config.vocab_size}: not the tokenizer this checkpoint was trained with")
+    if args.huge_pages:
+        move_to_huge_pages(model)
     return model, tokenizer, origin
 
 
@@ -260,9 +264,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     p.add_argument("--quant", choices=QUANTS, default="none",
-                   help="weights of every linear layer: none = fp32 (geb AVX2 kernel), int8 = int8 with a scale "
-                   "per row (geb's AVX-512 VNNI kernel, else FBGEMM), q8_0 = Q8_0 and int4 = Q4_0 (geb AVX-512 "
-                   "VNNI or AVX2 kernels)")
+                   help="weights of every linear layer: none = fp32 (geb AVX-512 or AVX2 kernel), int8 = int8 "
+                   "with a scale per row (geb's AVX-512 VNNI kernel, else FBGEMM), q8_0 = Q8_0 and int4 = Q4_0 (geb "
+                   "AVX-512 VNNI or AVX2 kernels)")
+    p.add_argument("--huge-pages", action="store_true",
+                   help="copy the int8 / q8_0 / int4 weights into transparent huge pages (Linux): ~1 s a GB more "
+                   "start-up, faster decode where TLB misses slow the weights' streaming (int8 1.08x on our CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
     p.add_argument("--no-cache", action="store_true",
                    help="neither use nor write the converted weights in geb's cache dir (GEB_CACHE)")
@@ -283,6 +290,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--top-k must be >= 0, got {args.top_k}")
     if args.system and not args.chat:
         p.error("--system needs --chat")
+    if args.huge_pages and args.quant == "none":
+        p.error("--huge-pages needs --quant int8, q8_0 or int4 (fp32 weights stay as they are)")
     if args.chat and args.bench:
         p.error("--chat and --bench are exclusive")
     if args.bench:

@@ -544,22 +544,20 @@ def pack_fp32(model: nn.Module) -> str:
 
 def convert_for_cpu(model: GEB, quant: str = "none") -> str:
     """Fuse the model's q/k/v and gate/up projections, then convert every linear layer for CPU decoding: "none"
-    keeps fp32 (`pack_fp32`), "int8", "q8_0" and "int4" quantize (into huge pages where the OS has them); the weight
-    format used."""
+    keeps fp32 (`pack_fp32`), "int8", "q8_0" and "int4" quantize; the weight format used."""
     if quant not in QUANTS:
         raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
     model.fuse_projections()
     if quant == "none":
         return pack_fp32(model)
-    method = {"int8": quantize_int8, "q8_0": quantize_q8, "int4": quantize_int4}[quant](model)
-    move_to_huge_pages(model)
-    return method
+    return {"int8": quantize_int8, "q8_0": quantize_q8, "int4": quantize_int4}[quant](model)
 
 
 def move_to_huge_pages(model: nn.Module) -> int:
     """Copy the large weights of model's layers on geb's integer kernels into anonymous mappings advised for
     transparent huge pages (Linux), in place; the bytes moved (0 where the OS has no such advice). Each token streams
-    them all: on 2 MiB pages that costs fewer TLB misses (int8 decode 1.08x here, BENCHMARKS.md)."""
+    them all: on 2 MiB pages that costs fewer TLB misses (int8 decode 1.08x here, int4 level; BENCHMARKS.md), but the
+    copy costs ~1 s a GB at start-up (infer_cpu.py --huge-pages)."""
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return 0
     moved = 0

@@ -4,10 +4,9 @@ A training checkpoint is a pickle holding the model (and usually the optimizer's
 unpickling all of it, then fusing and converting (quantizing) the weights on every start. The first start with a
 checkpoint and a --quant writes the converted weights to geb's cache dir (`GEB_CACHE`, default ~/.cache/geb) under
 `cpu_weights/`; later starts map that file (torch.load(mmap=True): no copy, pages come from the OS page cache) into a
-model built on the meta device; quantized weights are then copied into huge pages (`move_to_huge_pages`). An entry is
-keyed by the checkpoint's resolved path and quant, and stamped with its size and modification time (hashing gigabytes on
-every start would cost seconds) and this module's format version: a checkpoint rewritten since is detected and its entry
-rebuilt, never used.
+model built on the meta device. An entry is keyed by the checkpoint's resolved path and quant, and stamped with its size
+and modification time (hashing gigabytes on every start would cost seconds) and this module's format version: a
+checkpoint rewritten since is detected and its entry rebuilt, never used.
 What is cached per quant: "none" the fused fp32 weights (geb's kernel reads the plain layout), "int4", "q8_0" and
 "int8" the Q4_0, Q8_0 and per-channel int8 weights in geb/gemv.cpp's layouts. Without geb's kernel (no C++
 compiler), --quant int8 runs on FBGEMM, whose packed weights are opaque objects: nothing is cached then.
@@ -24,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from geb.checkpoint import list_checkpoints
 from geb.config import ModelConfig
-from geb.cpu_linear import ChannelInt8Linear, F32Linear, Int4Linear, Q8Linear, _replace_linears, move_to_huge_pages
+from geb.cpu_linear import ChannelInt8Linear, F32Linear, Int4Linear, Q8Linear, _replace_linears
 from geb.files import atomic_path, cache_dir
 from geb.model import GEB
 
@@ -123,8 +122,6 @@ def load_cached(ckpt: Path, quant: str, root: Path | None = None) -> tuple[GEB, 
         model.load_state_dict(state, assign=True)
     except (OSError, RuntimeError, KeyError, ValueError):  # a damaged entry: rebuilt by the caller
         return None
-    if quant != "none":  # quantized weights are small enough to copy into huge pages (faster to stream each token)
-        move_to_huge_pages(model)
     return model.eval(), tokenizer
 
 

@@ -113,10 +113,10 @@ def test_missing_or_mismatched_tokenizer(tmp_path, tokenizer_file, capsys):
     assert code != 0 and "does not match" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_bench_json_line(capsys, quant):
+@pytest.mark.parametrize("quant, extra", [("int8", []), ("int4", []), ("int8", ["--huge-pages"])])
+def test_bench_json_line(capsys, quant, extra):
     code, out, err = run_main(["--bench", "--preset", "tiny", "--max-new-tokens", "8", "--threads", "1",
-                               "--quant", quant], capsys)
+                               "--quant", quant, *extra], capsys)
     assert code == 0, err
     row = json.loads(out.strip())
     for key in ("preset", "quant", "compile", "threads", "prefill_tokens_per_s", "decode_tokens_per_s",
@@ -188,6 +188,7 @@ def test_chat_loop_keeps_earlier_turns_in_the_cache(tiny_run, tiny_model, tokeni
 
 
 @pytest.mark.parametrize("flags, message", [(["--system", "x"], "--system needs --chat"),
+                                            (["--huge-pages"], "--huge-pages needs --quant int8, q8_0 or int4"),
                                             (["--chat", "--bench"], "--chat and --bench are exclusive")])
 def test_chat_bad_flags(flags, message, capsys):
     code, _, err = run_main(flags, capsys)
