@@ -14,7 +14,8 @@ round); each row is the median over the rounds, with every round and the load av
         pytest bench/bench_cpu_decode.py -s                              # ~25 min
 
 GEB_BENCH_QUANTS picks precisions (default fp32,int8,int4); GEB_BENCH_INT8 geb's int8 engines (default
-int8,fbgemm: what --quant int8 runs here and FBGEMM's; q8_0 adds geb's Q8_0 kernel); GEB_BENCH_PREFILL the prompt
+int8,fbgemm: what --quant int8 runs here and FBGEMM's; q8_0 adds geb's Q8_0 kernel); GEB_BENCH_HUGE_PAGES=1 moves
+geb's quantized weights into huge pages (as infer_cpu.py --huge-pages); GEB_BENCH_PREFILL the prompt
 lengths (default 16,128,512, those that fit the preset's context). test_cpu_startup times `python infer_cpu.py` to its
 first printed token, cold (empty geb cache) and warm, beside `import torch` alone and llama.cpp loading the GGUF of
 the same weights.
@@ -38,7 +39,7 @@ import torch
 
 import infer_cpu
 from geb.checkpoint import save_checkpoint
-from geb.cpu_linear import quantize_int8, use_q4_kernel
+from geb.cpu_linear import move_to_huge_pages, quantize_int8, use_q4_kernel
 from geb.files import file_sha256
 from geb.generate import Decoder, GenerationStats
 from geb.gguf import export_gguf
@@ -52,6 +53,7 @@ ROUNDS = int(os.environ.get("GEB_BENCH_ROUNDS", "3"))
 QUANTS = os.environ.get("GEB_BENCH_QUANTS", "fp32,int8,int4").split(",")
 PREFILL = [int(n) for n in os.environ.get("GEB_BENCH_PREFILL", "16,128,512").split(",")]
 WITH_HF = os.environ.get("GEB_BENCH_HF", "1") == "1"
+HUGE_PAGES = os.environ.get("GEB_BENCH_HUGE_PAGES") == "1"  # geb's quantized weights as infer_cpu.py --huge-pages
 PROMPT_TOKENS = 16
 GGUF_TYPE = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
 GEB_QUANT = {"fp32": "none", "int8": "int8", "int4": "int4"}
@@ -225,7 +227,9 @@ def test_cpu_decode_side_by_side(tmp_path):
                     decoder = Decoder(model, max_seq_len=cache_len, compile=COMPILE)
                 else:
                     decoder, fmt, _ = infer_cpu.make_decoder(model, quant, COMPILE, cache_len, None)
-                engines[(geb_kind, geb_label(fmt))] = geb_engine(decoder, prompt, TOKENS)
+                huge = HUGE_PAGES and move_to_huge_pages(model) > 0
+                engines[(geb_kind, geb_label(fmt) + (", huge pages" if huge else ""))] = geb_engine(decoder, prompt,
+                                                                                                   TOKENS)
                 decoders.append(decoder)
                 model = None
             if transformers is not None and weights != "int4":

@@ -167,8 +167,7 @@ def doc_positions(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
     return o_t - torch.where(starts, o_t, 0).cummax(-1).values
 
 
-@torch.compiler.disable  # data-dependent sizes: a compiled model runs this eagerly, between its graphs
-def segments(positions: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _segments(positions: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The segments of a (B, T) positions batch flattened to B*T tokens: int32 cumulative lengths (a segment starts
     where the position is 0) and the longest length, as `kernels.flash_attn_varlen_func` takes them."""
     if positions.dim() != 2 or positions.shape[1] == 0 or bool((positions[:, 0] != 0).any()):
@@ -178,6 +177,15 @@ def segments(positions: torch.Tensor) -> tuple[torch.Tensor, int]:
     starts = torch.nonzero(flat == 0).flatten()
     cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
     return cu, int(cu.diff().max())
+
+
+def __getattr__(name: str):
+    """segments: _segments run eagerly inside a compiled model (data-dependent sizes: between its graphs). Made on
+    first use: torch.compiler.disable imports torch._dynamo, ~1 s that CPU inference's start-up would pay at import."""
+    if name != "segments":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    fn = globals()[name] = torch.compiler.disable(_segments)
+    return fn
 
 
 def _split_shards(m: dict, split: str) -> _Shards:

@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from geb import loader
 from geb.config import ModelConfig
-from geb.loader import segments
 
 LOGITS = ("all", "last", "none")  # what GEB.forward returns as logits
 Segments = tuple[torch.Tensor, int]  # (int32 cu_seqlens of the B*T tokens, longest segment): geb.loader.segments
@@ -320,7 +320,7 @@ class GEB(nn.Module):
             raise ValueError(f"positions must have idx's shape {tuple(idx.shape)}, got {tuple(positions.shape)}")
         if idx.shape[1] > self.config.max_seq_len:
             raise ValueError(f"sequence of {idx.shape[1]} tokens exceeds max_seq_len {self.config.max_seq_len}")
-        return segments(positions)
+        return loader.segments(positions)
 
 
 def _last(pending: torch.Tensor | None) -> torch.Tensor | None:

@@ -20,8 +20,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     return out.transpose(1, 2)
 
 
-@torch.compiler.disable  # one SDPA per document, sizes read from the data: runs eagerly inside a compiled model
-def attention_varlen_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+def _attention_varlen_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, causal: bool, softmax_scale: float) -> torch.Tensor:
     """Attention within packed documents (q (total_q, Hq, D), k/v (total_k, Hkv, D)): SDPA on each document alone."""
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -34,6 +33,16 @@ def attention_varlen_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
             continue
         outs.append(attention_ref(q_b, k_b, v_b, causal, softmax_scale)[0])
     return torch.cat(outs) if outs else q.new_zeros(q.shape)
+
+
+def __getattr__(name: str):
+    """attention_varlen_ref: _attention_varlen_ref run eagerly inside a compiled model (one SDPA per document, sizes
+    read from the data). Made on first use: torch.compiler.disable imports torch._dynamo, ~1 s that CPU inference's
+    start-up, which never needs it, would pay at import."""
+    if name != "attention_varlen_ref":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    fn = globals()[name] = torch.compiler.disable(_attention_varlen_ref)
+    return fn
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
