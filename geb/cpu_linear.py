@@ -365,65 +365,21 @@ def dequantize_int8_rows(qs: torch.Tensor, scales: torch.Tensor, in_features: in
     return (q.float() * scales[:, None])[:out_features, :in_features]
 
 
-class ChannelInt8Linear(nn.Module):
-    """8-bit linear on geb's kernel: int8 weights with one scale a row (`quantize_int8_rows`), activations quantized
-    to int8 per input row at each call, whole rows summed in int32."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self._require_gemv()
-        qs, scales, sums = quantize_int8_rows(linear.weight)
-        self._set(linear, qs, scales, sums, None if linear.bias is None else linear.bias.detach().float())
-
-    @classmethod
-    def empty_like(cls, linear: nn.Linear) -> "ChannelInt8Linear":
-        """A layer of linear's shape with uninitialized weights (on linear's device), to load a state dict."""
-        cls._require_gemv()
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        kp = -(-linear.in_features // I8_PAD) * I8_PAD
-        rows = -(-linear.out_features // I8_GROUP) * I8_GROUP
-        device = linear.weight.device
-        self._set(linear, torch.empty(rows, kp, dtype=torch.int8, device=device),
-                  torch.empty(rows, device=device), torch.empty(rows, dtype=torch.int32, device=device),
-                  None if linear.bias is None else torch.empty_like(linear.bias))
-        return self
-
-    @classmethod
-    def _require_gemv(cls) -> None:
-        if not load_gemv():
-            raise RuntimeError(f"{cls.__name__} needs geb/gemv.cpp built: an AVX2 CPU, a C++ compiler and ninja")
-
-    def _set(self, linear: nn.Linear, qs: torch.Tensor, scales: torch.Tensor, sums: torch.Tensor,
-             bias: torch.Tensor | None) -> None:
-        self.register_buffer("qs", qs)
-        self.register_buffer("scales", scales)
-        self.register_buffer("sums", sums)
-        self.register_buffer("bias", bias)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.geb.linear_i8(x, self.qs, self.scales, self.sums, self.in_features, self.out_features)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel (geb "
-                f"{use_q4_kernel()} kernels)")
-
-
-class BlockLinear(nn.Module):
-    """A linear layer in one of ggml's block formats (blocks of 32 weights, one fp16 scale each; geb/gemv.cpp's
-    layout) on geb's integer kernels, activations quantized to int8 per block at each call. Int4Linear and Q8Linear
-    say which format: its name, quantizer, qs bytes per weight and dtype, and kernel."""
+class IntegerLinear(nn.Module):
+    """A linear layer on one of geb/gemv.cpp's integer kernels (inference only). Subclasses name the format, its
+    buffers (BUFFERS, in the kernel's argument order), quantizer, empty buffers of a shape, and kernel."""
 
     FORMAT: str
-    QS_BYTES_PER_WEIGHT: float
-    QS_DTYPE: torch.dtype
-    ROW_MULTIPLE: int  # qs and scales hold out_features rounded up to this
+    BUFFERS: tuple[str, ...]
 
     @staticmethod
-    def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(qs, scales) of the rows of w in this format."""
+    def quantize(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The buffers of the rows of w in this format."""
+        raise NotImplementedError
+
+    @classmethod
+    def empty_buffers(cls, in_features: int, out_features: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Uninitialized buffers for a weight of this shape."""
         raise NotImplementedError
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
@@ -433,21 +389,16 @@ class BlockLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self._require_gemv()
-        qs, scales = self.quantize(linear.weight)
-        self._set(linear, qs, scales, None if linear.bias is None else linear.bias.detach().float())
+        self._set(linear, self.quantize(linear.weight), None if linear.bias is None else linear.bias.detach().float())
 
     @classmethod
-    def empty_like(cls, linear: nn.Linear) -> "BlockLinear":
+    def empty_like(cls, linear: nn.Linear) -> "IntegerLinear":
         """A layer of linear's shape with uninitialized weights (on linear's device), to load a state dict."""
         cls._require_gemv()
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        kp = -(-linear.in_features // Q4_PAD) * Q4_PAD
-        rows = -(-linear.out_features // cls.ROW_MULTIPLE) * cls.ROW_MULTIPLE
-        device = linear.weight.device
-        qs = torch.empty(rows, int(kp * cls.QS_BYTES_PER_WEIGHT), dtype=cls.QS_DTYPE, device=device)
-        scales = torch.empty(rows, kp // Q4_BLOCK, dtype=torch.float16, device=device)
-        self._set(linear, qs, scales, None if linear.bias is None else torch.empty_like(linear.bias))
+        buffers = cls.empty_buffers(linear.in_features, linear.out_features, linear.weight.device)
+        self._set(linear, buffers, None if linear.bias is None else torch.empty_like(linear.bias))
         return self
 
     @classmethod
@@ -455,9 +406,9 @@ class BlockLinear(nn.Module):
         if not load_gemv():
             raise RuntimeError(f"{cls.__name__} needs geb/gemv.cpp built: an AVX2 CPU, a C++ compiler and ninja")
 
-    def _set(self, linear: nn.Linear, qs: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.register_buffer("qs", qs)
-        self.register_buffer("scales", scales)
+    def _set(self, linear: nn.Linear, buffers: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> None:
+        for name, b in zip(self.BUFFERS, buffers, strict=True):
+            self.register_buffer(name, b)
         self.register_buffer("bias", bias)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
@@ -468,6 +419,41 @@ class BlockLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.FORMAT} (geb "
                 f"{use_q4_kernel()} kernels)")
+
+
+class ChannelInt8Linear(IntegerLinear):
+    """8-bit linear: int8 weights with one scale a row (`quantize_int8_rows`), activations quantized to int8 per input
+    row at each call, whole rows summed in int32."""
+
+    FORMAT, BUFFERS = "int8 per channel", ("qs", "scales", "sums")
+    quantize = staticmethod(quantize_int8_rows)
+
+    @classmethod
+    def empty_buffers(cls, in_features: int, out_features: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        kp, rows = -(-in_features // I8_PAD) * I8_PAD, -(-out_features // I8_GROUP) * I8_GROUP
+        return (torch.empty(rows, kp, dtype=torch.int8, device=device), torch.empty(rows, device=device),
+                torch.empty(rows, dtype=torch.int32, device=device))
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.geb.linear_i8(x, self.qs, self.scales, self.sums, self.in_features, self.out_features)
+
+
+class BlockLinear(IntegerLinear):
+    """A linear layer in one of ggml's block formats (blocks of 32 weights, one fp16 scale each; geb/gemv.cpp's
+    layout), activations quantized to int8 per block at each call. Int4Linear and Q8Linear say which format: its
+    qs bytes per weight and dtype, row multiple, quantizer and kernel."""
+
+    BUFFERS = ("qs", "scales")
+    QS_BYTES_PER_WEIGHT: float
+    QS_DTYPE: torch.dtype
+    ROW_MULTIPLE: int  # qs and scales hold out_features rounded up to this
+
+    @classmethod
+    def empty_buffers(cls, in_features: int, out_features: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        kp = -(-in_features // Q4_PAD) * Q4_PAD
+        rows = -(-out_features // cls.ROW_MULTIPLE) * cls.ROW_MULTIPLE
+        return (torch.empty(rows, int(kp * cls.QS_BYTES_PER_WEIGHT), dtype=cls.QS_DTYPE, device=device),
+                torch.empty(rows, kp // Q4_BLOCK, dtype=torch.float16, device=device))
 
 
 class Int4Linear(BlockLinear):
@@ -562,7 +548,7 @@ def move_to_huge_pages(model: nn.Module) -> int:
         return 0
     moved = 0
     for module in model.modules():
-        if not isinstance(module, (BlockLinear, ChannelInt8Linear)):
+        if not isinstance(module, IntegerLinear):
             continue
         for name, b in list(module.named_buffers(recurse=False)):
             if b is None or b.device.type != "cpu" or b.nbytes < HUGE_PAGE:
