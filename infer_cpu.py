@@ -269,7 +269,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "AVX-512 VNNI or AVX2 kernels)")
     p.add_argument("--huge-pages", action="store_true",
                    help="copy the int8 / q8_0 / int4 weights into transparent huge pages (Linux): ~1 s a GB more "
-                   "start-up, faster decode where TLB misses slow the weights' streaming (int8 1.08x on our CPU)")
+                   "start-up, faster decode where TLB misses slow the weights' streaming (int8; see BENCHMARKS.md)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
     p.add_argument("--no-cache", action="store_true",
                    help="neither use nor write the converted weights in geb's cache dir (GEB_CACHE)")

@@ -542,8 +542,8 @@ def convert_for_cpu(model: GEB, quant: str = "none") -> str:
 def move_to_huge_pages(model: nn.Module) -> int:
     """Copy the large weights of model's layers on geb's integer kernels into anonymous mappings advised for
     transparent huge pages (Linux), in place; the bytes moved (0 where the OS has no such advice). Each token streams
-    them all: on 2 MiB pages that costs fewer TLB misses (int8 decode 1.08x here, int4 level; BENCHMARKS.md), but the
-    copy costs ~1 s a GB at start-up (infer_cpu.py --huge-pages)."""
+    them all, with fewer TLB misses on 2 MiB pages (int8 decodes faster, BENCHMARKS.md), but the copy costs start-up
+    time (infer_cpu.py --huge-pages)."""
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return 0
     moved = 0
