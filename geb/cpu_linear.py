@@ -355,7 +355,7 @@ def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     q = torch.round(wp * inv[:, None]).clamp_(-127, 127).to(torch.int8)
     sums = 128 * q.sum(dim=1, dtype=torch.int32)
     qs = q.reshape(n_pad // I8_GROUP, I8_GROUP, kp // 4, 4).permute(0, 2, 1, 3).reshape(n_pad, kp)
-    return qs.contiguous(), d.contiguous(), sums.to(torch.int32).contiguous()
+    return qs.contiguous(), d.contiguous(), sums.contiguous()
 
 
 def dequantize_int8_rows(qs: torch.Tensor, scales: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:

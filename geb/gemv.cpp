@@ -84,28 +84,24 @@ QuantizedInput quantize_input(const float* x, int64_t M, int64_t K, int64_t Kp) 
 constexpr int64_t kI8Group = 16;  // per-channel int8 weight rows interleaved in one stream (geb/gemv_i8.h)
 constexpr int64_t kI8Pad = 64;  // per-channel int8 rows padded to a multiple of 64 weights
 
-// Activations quantized to int8 with one scale an input row (d = max|x| / 127, round to nearest even): xq [M, Kp]
-// (zero past K), and for the VNNI kernel xu = xq + 128 as unsigned bytes.
+// Activations quantized to int8 with one scale an input row (d = max|x| / 127, round to nearest even): x [M, Kp]
+// bytes, zero past K, as int8 for the AVX2 kernel, or plus 128 as unsigned bytes for the VNNI kernel (`offset`).
 struct RowQuantizedInput {
-  std::vector<int8_t> xq;
-  std::vector<uint8_t> xu;
+  std::vector<uint8_t> x;
   std::vector<float> dx;
 };
 
-RowQuantizedInput quantize_input_rows(const float* x, int64_t M, int64_t K, int64_t Kp, bool unsigned_copy) {
-  RowQuantizedInput q{std::vector<int8_t>(M * Kp, 0), std::vector<uint8_t>(unsigned_copy ? M * Kp : 0, 128),
-                      std::vector<float>(M, 0.f)};
+RowQuantizedInput quantize_input_rows(const float* x, int64_t M, int64_t K, int64_t Kp, bool offset) {
+  const int32_t zero = offset ? 128 : 0;
+  RowQuantizedInput q{std::vector<uint8_t>(M * Kp, static_cast<uint8_t>(zero)), std::vector<float>(M, 0.f)};
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; m++) {
       const float* p_x = x + m * K;
       float amax = 0.f;
       for (int64_t k = 0; k < K; k++) amax = std::max(amax, std::fabs(p_x[k]));
       const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
-      for (int64_t k = 0; k < K; k++) {
-        const int32_t v = static_cast<int32_t>(std::nearbyint(p_x[k] * id));
-        q.xq[m * Kp + k] = static_cast<int8_t>(v);
-        if (unsigned_copy) q.xu[m * Kp + k] = static_cast<uint8_t>(v + 128);
-      }
+      for (int64_t k = 0; k < K; k++)
+        q.x[m * Kp + k] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(p_x[k] * id)) + zero);
       q.dx[m] = d;
     }
   });
@@ -240,10 +236,17 @@ void q8_dequantize_rows(const int8_t* qs, const uint16_t* scales, float* w, int6
   });
 }
 
+// What every integer operator checks of its input: x's last dimension is K, and it needs no gradient.
+void check_input(const char* op, const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, op, ": x's last dimension must be ", K, ", got ", x.sizes());
+  TORCH_CHECK(!(at::GradMode::is_enabled() && x.requires_grad()),
+              op, " is for inference and has no backward: call it under torch.no_grad()");
+}
+
 // y = x2 w^T through at::mm on the weight dequantized kQ4ChunkRows rows at a time (long prompts).
-template <typename Q, typename Dequantize>
-at::Tensor linear_blocks_gemm(const at::Tensor& x2, const Q* qs, const uint16_t* scales, int64_t N, int64_t K,
-                              int64_t Kp, Dequantize dequantize) {
+template <typename Q, typename S, typename Dequantize>
+at::Tensor linear_blocks_gemm(const at::Tensor& x2, const Q* qs, const S* scales, int64_t N, int64_t K, int64_t Kp,
+                              Dequantize dequantize) {
   at::Tensor y = at::empty({x2.size(0), N}, x2.options());
   at::Tensor w = at::empty({std::min(kQ4ChunkRows, N), K}, x2.options());
   for (int64_t n0 = 0; n0 < N; n0 += kQ4ChunkRows) {
@@ -252,6 +255,18 @@ at::Tensor linear_blocks_gemm(const at::Tensor& x2, const Q* qs, const uint16_t*
     y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, w.narrow(0, 0, n1 - n0).t()));
   }
   return y;
+}
+
+// w [n1 - n0, K] fp32 = rows n0.. of the per-channel int8 weight, q * d.
+void i8_dequantize_rows(const int8_t* qs, const float* scales, float* w, int64_t n0, int64_t n1, int64_t K,
+                        int64_t Kp) {
+  at::parallel_for(n0, n1, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; n++) {
+      const int8_t* p_q = qs + (n / kI8Group) * kI8Group * Kp + (n % kI8Group) * 4;
+      for (int64_t k = 0; k < K; k++)
+        w[(n - n0) * K + k] = static_cast<float>(p_q[(k / 4) * kI8Group * 4 + k % 4]) * scales[n];
+    }
+  });
 }
 
 // What linear_q4 and linear_q8 share once each has checked its qs and set Kp: the scales and input checks, then long
@@ -269,9 +284,7 @@ at::Tensor linear_blocks(const char* op, const at::Tensor& x, const Q* p_qs, int
               op, ": scales must be a contiguous float16 tensor of [", qs_rows, ", ", Kp / 32, "], got ",
               scales.sizes(), ", ", scales.scalar_type());
   TORCH_CHECK(K > Kp - 256 && K <= Kp, op, ": in_features ", K, " does not fit qs of ", Kp, " columns");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, op, ": x's last dimension must be ", K, ", got ", x.sizes());
-  TORCH_CHECK(!(at::GradMode::is_enabled() && x.requires_grad()),
-              op, " is for inference and has no backward: call it under torch.no_grad()");
+  check_input(op, x, K);
   const at::Tensor x_c = x.to(at::kFloat).contiguous();
   const int64_t M = x_c.numel() / K;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -330,26 +343,22 @@ at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   TORCH_CHECK(sums.dim() == 1 && sums.scalar_type() == at::kInt && sums.is_contiguous() && sums.size(0) == Np,
               op, ": sums must be a contiguous int32 tensor of [", Np, "], got ", sums.sizes(), ", ",
               sums.scalar_type());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, op, ": x's last dimension must be ", K, ", got ", x.sizes());
-  TORCH_CHECK(!(at::GradMode::is_enabled() && x.requires_grad()),
-              op, " is for inference and has no backward: call it under torch.no_grad()");
+  check_input(op, x, K);
   const int64_t Kp = qs.size(1);
   const at::Tensor x_c = x.to(at::kFloat).contiguous();
   const int64_t M = x_c.numel() / std::max<int64_t>(K, 1);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   if (M == 0 || N == 0) return at::empty(out_shape, x_c.options()).to(x.scalar_type());
+  const int8_t* p_q = qs.data_ptr<int8_t>();
+  const float* p_s = scales.data_ptr<float>();
   if (M > kQ4MaxTiledInputs) {
-    const at::Tensor w = (qs.view({Np / kI8Group, Kp / 4, kI8Group, 4}).permute({0, 2, 1, 3}).reshape({Np, Kp})
-                              .narrow(0, 0, N).narrow(1, 0, K).to(at::kFloat) *
-                          scales.narrow(0, 0, N).unsqueeze(1));
-    return at::mm(x_c.reshape({M, K}), w.t()).reshape(out_shape).to(x.scalar_type());
+    const at::Tensor y2 = linear_blocks_gemm(x_c.reshape({M, K}), p_q, p_s, N, K, Kp, i8_dequantize_rows);
+    return y2.reshape(out_shape).to(x.scalar_type());
   }
   at::Tensor y = at::empty(out_shape, x_c.options());
   const bool vnni = g_q4_vnni;
   const RowQuantizedInput in = quantize_input_rows(x_c.data_ptr<float>(), M, K, Kp, vnni);
-  const int8_t* p_q = qs.data_ptr<int8_t>();
-  const float* p_s = scales.data_ptr<float>();
   const int32_t* p_sums = sums.data_ptr<int32_t>();
   float* p_y = y.data_ptr<float>();
   at::parallel_for(0, Np / kI8Group, M > 1 ? 1 : 4, [&](int64_t begin, int64_t end) {

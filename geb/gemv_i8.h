@@ -24,7 +24,7 @@ void i8_tile(const int8_t* qs, const float* scales, const int32_t* sums, const R
     for (int a = 0; a < A; a++) {
       const __m512i b_w = _mm512_loadu_si512(p_q + (c + a) * 64);
       for (int i = 0; i < I; i++) {
-        const int32_t* p_x = reinterpret_cast<const int32_t*>(in.xu.data() + (m + i) * Kp);
+        const int32_t* p_x = reinterpret_cast<const int32_t*>(in.x.data() + (m + i) * Kp);
         b_acc[i][a] = _mm512_dpbusd_epi32(b_acc[i][a], _mm512_set1_epi32(p_x[c + a]), b_w);
       }
     }
@@ -56,7 +56,7 @@ void i8_tile(const int8_t* qs, const float* scales, const int32_t* sums, const R
       const __m256i b_w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p_q + c * 64 + h * 32));
       const __m256i b_abs = _mm256_sign_epi8(b_w, b_w);  // |q|
       for (int i = 0; i < I; i++) {
-        const int32_t* p_x = reinterpret_cast<const int32_t*>(in.xq.data() + (m + i) * Kp);
+        const int32_t* p_x = reinterpret_cast<const int32_t*>(in.x.data() + (m + i) * Kp);
         // |q| * (x with q's sign): |q|, |x| <= 127, so vpmaddubsw's int16 pairs never saturate.
         const __m256i b_x = _mm256_sign_epi8(_mm256_set1_epi32(p_x[c]), b_w);
         b_acc[i][h] = _mm256_add_epi32(b_acc[i][h], _mm256_madd_epi16(_mm256_maddubs_epi16(b_abs, b_x), b_ones));
